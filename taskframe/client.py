@@ -1,0 +1,359 @@
+"""The producer side: connect, enqueue tasks, read their status and results.
+
+async with taskframe.connect("nats://127.0.0.1:4222", namespace="media") as tf:
+    run = await tf.enqueue(ResizeImage(url=u))
+    path = await run.result(timeout=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import TypeAdapter
+
+from taskframe import topology, wire
+from taskframe.errors import (
+    ConfigError,
+    ConnectError,
+    PublishError,
+    ResultTimeoutError,
+    TaskFailed,
+)
+from taskframe.models import Task, result_adapter
+from taskframe.publish import StreamMissingError, check_size, publish_stored
+from taskframe.results import TaskState, TaskStatus, parse_record
+from taskframe.settings import Settings
+
+R = TypeVar("R")
+log = logging.getLogger("taskframe.client")
+
+_POLL = 2.0  # seconds between re-reads while waiting, in case a status update was missed
+
+
+class TaskRun(Generic[R]):
+    """A handle on one enqueued task: its id, its status, and its result when it has one."""
+
+    __slots__ = ("_adapter", "_client", "duplicate", "id", "keeps_result", "task")
+
+    def __init__(
+        self,
+        client: Client,
+        task_id: str,
+        task: str,
+        adapter: TypeAdapter[R],
+        *,
+        keeps_result: bool = True,
+        duplicate: bool = False,
+    ) -> None:
+        self._client = client
+        self._adapter = adapter
+        self.id = task_id
+        self.task = task
+        self.keeps_result = keeps_result
+        self.duplicate = duplicate
+        """True when the enqueue carried a key already enqueued within the duplicate window."""
+
+    def __repr__(self) -> str:
+        dup = " duplicate" if self.duplicate else ""
+        return f"<TaskRun {self.task} id={self.id}{dup}>"
+
+    async def status(self) -> TaskStatus:
+        """The task's latest status; `queued` until a worker picks it up."""
+        status = await self._client.status(self.id)
+        return status or TaskStatus(id=self.id, task=self.task, state=TaskState.QUEUED)
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the task to finish and return its typed result.
+
+        Raises `TaskFailed` if the task ended dead, `ResultTimeoutError` if it did not
+        finish within `timeout` seconds (it may still finish later).
+        """
+        if not self.keeps_result:
+            raise ConfigError(f"{self.task} is declared with results=False: no result is stored")
+        status = await self._client.wait(self.id, timeout)
+        if status.state is TaskState.DEAD:
+            error = status.error
+            raise TaskFailed(
+                self.id,
+                error.type if error else "Unknown",
+                error.message if error else "",
+                status.attempt,
+                status.state.value,
+            )
+        return self._adapter.validate_python(status.result)
+
+
+class Client:
+    """A connection to NATS for one namespace: enqueues tasks and reads their results.
+
+    Construct with `taskframe.connect(...)` and use as an async context manager. The
+    constructor does no I/O.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        self._adapters: dict[type[Any], TypeAdapter[Any]] = {}
+        self._known_queues: set[str] = set()
+        self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
+
+    def __repr__(self) -> str:
+        state = "connected" if self._nc and self._nc.is_connected else "closed"
+        return f"<Client namespace={self.namespace!r} url={self._safe_url()!r} {state}>"
+
+    def _safe_url(self) -> str:
+        return ",".join(u.split("@")[-1] for u in self.settings.servers)
+
+    @property
+    def namespace(self) -> str:
+        """The namespace every subject and stream of this client lives in."""
+        return self.settings.namespace
+
+    @property
+    def nc(self) -> NATS:
+        """The underlying nats-py connection (internal)."""
+        if self._nc is None:
+            raise ConnectError("client is not connected: use `async with connect(...)`")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The underlying JetStream context (internal)."""
+        if self._js is None:
+            raise ConnectError("client is not connected: use `async with connect(...)`")
+        return self._js
+
+    async def open(self) -> Self:
+        """Connect to NATS. Reconnects forever after a lost connection."""
+        nc = NATS()
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %r", exc)
+
+        async def on_disconnect() -> None:
+            if not (nc.is_closed or nc.is_draining):
+                log.warning("disconnected from NATS; reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info(
+                "reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?"
+            )
+            for listener in list(self.reconnect_listeners):
+                await listener()
+
+        options: dict[str, Any] = {}
+        if self.settings.creds:
+            options["user_credentials"] = self.settings.creds
+        try:
+            await nc.connect(
+                servers=self.settings.servers,
+                name=f"taskframe:{self.namespace}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=5,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                **options,
+            )
+        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            raise ConnectError(
+                f"cannot reach NATS at {self._safe_url()}: {exc!r} "
+                "(is a server running? `taskframe server` starts one)"
+            ) from exc
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self.settings.publish_timeout)
+        return self
+
+    async def close(self) -> None:
+        """Flush what is buffered and close the connection."""
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except nats.errors.Error:
+                await self._nc.close()
+        self._nc = self._js = self._kv = None
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _adapter(self, model: type[Task[Any]]) -> TypeAdapter[Any]:
+        adapter = self._adapters.get(model)
+        if adapter is None:
+            adapter = self._adapters[model] = result_adapter(model)
+        return adapter
+
+    def _prepare(self, task: Task[R], key: str | None) -> tuple[str, bytes, dict[str, str], str]:
+        model = type(task)
+        name = model.__tf_name__
+        task_id = wire.key_task_id(self.namespace, key) if key else wire.new_task_id()
+        subject = wire.task_subject(self.namespace, model.__tf_queue__, name)
+        headers = wire.task_headers(task_id, name, key or task_id)
+        body = wire.encode(task)
+        check_size(subject, body, headers, self.nc.max_payload)
+        return subject, body, headers, task_id
+
+    def _run(self, task: Task[R], task_id: str, duplicate: bool) -> TaskRun[R]:
+        model = type(task)
+        return TaskRun(
+            self,
+            task_id,
+            model.__tf_name__,
+            self._adapter(model),
+            keeps_result=model.__tf_results__,
+            duplicate=duplicate,
+        )
+
+    async def _publish(
+        self, queue: str, subject: str, body: bytes, headers: dict[str, str]
+    ) -> bool:
+        """Store one task message; True if the server reported it a duplicate."""
+        try:
+            ack = await publish_stored(self.js, self.settings, subject, body, headers)
+        except StreamMissingError:
+            await topology.ensure_queue(self.js, self.settings, queue)
+            ack = await publish_stored(self.js, self.settings, subject, body, headers)
+        return bool(ack.duplicate)
+
+    async def enqueue(self, task: Task[R], *, key: str | None = None) -> TaskRun[R]:
+        """Store `task` in its queue and return a handle on it.
+
+        Returns only once the server confirmed storing the task. With `key`, the task is
+        enqueued at most once per key within the queue's duplicate window: a repeat returns
+        a handle on the same task, with `duplicate` set. Raises `PublishError` when the
+        task could not be stored, `PayloadTooLargeError` before sending an over-size one.
+        """
+        subject, body, headers, task_id = self._prepare(task, key)
+        duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
+        return self._run(task, task_id, duplicate)
+
+    async def enqueue_many(self, tasks: Iterable[Task[Any]]) -> list[TaskRun[Any]]:
+        """Store many tasks, pipelining the publishes, and return their handles in order.
+
+        Returns once the server confirmed storing every one; a task whose confirmation did
+        not come is sent again with the same id (no duplicate is stored). Raises
+        `PublishError` if any task could not be stored; the error lists which.
+        """
+        batch = list(tasks)
+        prepared = [self._prepare(t, None) for t in batch]
+        for queue in {type(t).__tf_queue__ for t in batch}:
+            if queue not in self._known_queues:
+                await topology.ensure_queue(self.js, self.settings, queue)
+                self._known_queues.add(queue)
+        futures = [
+            await self.js.publish_async(subject, body, headers=headers)
+            for subject, body, headers, _ in prepared
+        ]
+        if futures:
+            await asyncio.wait(futures, timeout=self.settings.publish_timeout)
+        failed: list[int] = []
+        for index, future in enumerate(futures):
+            if not future.done() or future.exception() is not None:
+                future.cancel()
+                try:
+                    subject, body, headers, _ = prepared[index]
+                    await self._publish(type(batch[index]).__tf_queue__, subject, body, headers)
+                except PublishError:
+                    failed.append(index)
+        if failed:
+            raise PublishError(
+                f"{len(failed)} of {len(batch)} tasks were not stored: "
+                f"ids {[prepared[i][3] for i in failed[:10]]}"
+            )
+        return [self._run(t, p[3], False) for t, p in zip(batch, prepared, strict=True)]
+
+    async def _bucket(self) -> KeyValue | None:
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(topology.results_bucket(self.namespace))
+            except NotFoundError:
+                return None
+        return self._kv
+
+    async def status(self, task_id: str) -> TaskStatus | None:
+        """The latest status record of `task_id`, or None if there is none.
+
+        None means no worker has picked the task up yet, its record expired (`result_ttl`),
+        its task keeps no results, or the id was never enqueued.
+        """
+        kv = await self._bucket()
+        if kv is None:
+            return None
+        try:
+            entry = await kv.get(task_id)
+        except NotFoundError:
+            return None
+        except APIError as exc:
+            raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
+        return parse_record(entry.value) if entry.value else None
+
+    async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:
+        """Wait until `task_id` reaches a final state and return that status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Subscribe before reading, so an update between the read and the wait is not missed.
+        sub = await self.nc.subscribe(topology.result_subject(self.namespace, task_id))
+        try:
+            status = await self.status(task_id)
+            while status is None or not status.state.final:
+                remaining = _POLL if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ResultTimeoutError(f"task {task_id} did not finish within {timeout}s")
+                try:
+                    msg = await sub.next_msg(timeout=min(_POLL, remaining))
+                except nats.errors.TimeoutError:
+                    status = await self.status(task_id)
+                    continue
+                if msg.data:
+                    status = parse_record(msg.data)
+            return status
+        finally:
+            await sub.unsubscribe()
+
+    def handle(self, model: type[Task[R]], task_id: str) -> TaskRun[R]:
+        """A handle on an already enqueued task of `model`, from its id."""
+        return TaskRun(
+            self,
+            task_id,
+            model.__tf_name__,
+            self._adapter(model),
+            keeps_result=model.__tf_results__,
+        )
+
+
+def connect(
+    url: str | Sequence[str] | None = None,
+    *,
+    namespace: str | None = None,
+    **settings: Any,
+) -> Client:
+    """A client for `namespace` on the NATS server(s) at `url`; use it with `async with`.
+
+    Unset arguments come from TASKFRAME_* environment variables, then the defaults in
+    `Settings` (URL `nats://127.0.0.1:4222`, namespace "default").
+    """
+    if url is not None and not isinstance(url, str):
+        url = ",".join(url)
+    return Client(Settings.from_env(url=url, namespace=namespace, **settings))

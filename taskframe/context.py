@@ -1,0 +1,74 @@
+"""Context: what a handler gets besides its task."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from taskframe.client import Client, TaskRun
+    from taskframe.models import Task
+
+R = TypeVar("R")
+
+
+class Context:
+    """The running attempt of a task: its identity, a logger, and a way back to the broker."""
+
+    __slots__ = (
+        "_client",
+        "_heartbeat",
+        "attempt",
+        "log",
+        "max_attempts",
+        "queue",
+        "task",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        task: str,
+        queue: str,
+        attempt: int,
+        max_attempts: int,
+        client: Client,
+        heartbeat: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.task_id = task_id
+        """The task's id (a UUIDv7 string, or derived from its idempotency key)."""
+        self.task = task
+        """The task's name."""
+        self.queue = queue
+        self.attempt = attempt
+        """This attempt's number, 1 for the first delivery."""
+        self.max_attempts = max_attempts
+        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(
+            logging.getLogger("taskframe.task"), {"task_id": task_id, "task": task}
+        )
+        """A logger whose records carry `task_id` and `task`."""
+        self._client = client
+        self._heartbeat = heartbeat
+
+    def __repr__(self) -> str:
+        return f"<Context {self.task} id={self.task_id} attempt={self.attempt}/{self.max_attempts}>"
+
+    async def heartbeat(self) -> None:
+        """Tell the server this task is still being worked on, extending its lease now.
+
+        The worker already does this for every running task; call it to extend the lease
+        at once, for example right after a long blocking step.
+        """
+        await self._heartbeat()
+
+    async def enqueue(self, task: Task[R], *, key: str | None = None) -> TaskRun[R]:
+        """Enqueue a follow-up task through the worker's connection."""
+        return await self._client.enqueue(task, key=key)
+
+    @property
+    def client(self) -> Client:
+        """The worker's client, for anything else a handler needs from the broker."""
+        return self._client

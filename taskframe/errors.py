@@ -1,0 +1,96 @@
+"""The errors taskframe raises, and the two signals a handler may raise.
+
+    TaskframeError
+      ConfigError          bad settings, a clashing registration, a stream that conflicts
+      ConnectError         NATS cannot be reached
+      PermissionDeniedError  the server refused an operation
+      PublishError         the server did not confirm that a message was stored
+        PayloadTooLargeError   the message exceeds the server's max_payload
+      TaskFailed           a task ended without a result (failed or dead)
+      ResultTimeoutError   no result arrived within the time asked for
+
+    Retry(delay)           signal: try this task again later (counts as an attempt)
+    Reject(reason)         signal: dead-letter this task now, without more attempts
+
+`Retry` and `Reject` are not `TaskframeError`s, so an `except TaskframeError` in a
+handler cannot swallow them by accident.
+"""
+
+from __future__ import annotations
+
+
+class TaskframeError(Exception):
+    """Base class of every error taskframe raises."""
+
+
+class ConfigError(TaskframeError):
+    """Invalid settings, a clashing registration, or a stream that conflicts with ours."""
+
+
+class ConnectError(TaskframeError):
+    """NATS could not be reached."""
+
+
+class PermissionDeniedError(TaskframeError):
+    """The server refused an operation for lack of permission."""
+
+    def __init__(self, operation: str, detail: str) -> None:
+        self.operation = operation
+        self.detail = detail
+        super().__init__(f"permission denied for {operation}: {detail}")
+
+
+class PublishError(TaskframeError):
+    """The server did not confirm that a message was stored; it may not have been."""
+
+
+class PayloadTooLargeError(PublishError):
+    """The encoded message exceeds the server's `max_payload`; nothing was sent."""
+
+    def __init__(self, subject: str, size: int, max_payload: int) -> None:
+        self.subject = subject
+        self.size = size
+        self.max_payload = max_payload
+        super().__init__(
+            f"message for {subject} is {size} bytes with headers, "
+            f"over the server's max_payload of {max_payload} bytes"
+        )
+
+
+class TaskFailed(TaskframeError):
+    """A task ended without a result: its handler failed on every attempt, or it was rejected."""
+
+    def __init__(
+        self, task_id: str, error_type: str, message: str, attempts: int, state: str
+    ) -> None:
+        self.task_id = task_id
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+        self.state = state
+        super().__init__(
+            f"task {task_id} {state} after {attempts} attempt(s): {error_type}: {message}"
+        )
+
+
+class ResultTimeoutError(TaskframeError, TimeoutError):
+    """No final result arrived within the time asked for; the task may still finish."""
+
+
+class Retry(Exception):
+    """Raise in a handler to try the task again after `delay` seconds (default: the backoff).
+
+    The attempt counts towards `max_attempts`.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        self.delay = delay
+        super().__init__(f"retry requested (delay={delay})")
+
+
+class Reject(Exception):
+    """Raise in a handler to send the task to the dead-letter stream now, with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -1,0 +1,92 @@
+"""Task status records in the results bucket: what `TaskRun.result()` and `status()` read.
+
+One KV key per task id holds the latest record, a JSON object:
+
+    {"id": "...", "task": "ResizeImage", "state": "succeeded", "attempt": 1,
+     "result": <the handler's return value as JSON>, "error": null,
+     "updated_at": "2026-11-28T04:11:06.123456Z"}
+
+The states run queued → running → (failed → running)* → succeeded | dead. `failed` means
+an attempt failed and another is scheduled; `dead` means the task is in the dead-letter
+stream and will not run again.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from taskframe import wire
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"
+
+    @property
+    def final(self) -> bool:
+        """Whether the task will not change state again."""
+        return self in (TaskState.SUCCEEDED, TaskState.DEAD)
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong in a task's last failed attempt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    message: str
+    traceback: str | None = None
+    reason: str | None = None
+    """Why the task is dead: "failed", "rejected", "invalid", "unknown-task", "lost"."""
+
+
+class TaskStatus(BaseModel):
+    """The latest known status of one task."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    task: str
+    state: TaskState
+    attempt: int = 0
+    result: Any = None
+    error: ErrorInfo | None = None
+    updated_at: str = ""
+
+
+def status_record(
+    task_id: str,
+    task: str,
+    state: TaskState,
+    attempt: int,
+    *,
+    result_json: bytes | None = None,
+    error: ErrorInfo | None = None,
+) -> bytes:
+    """A status record as stored, with an already-encoded result spliced in without re-parsing."""
+    head = {
+        "id": task_id,
+        "task": task,
+        "state": state.value,
+        "attempt": attempt,
+        "updated_at": wire.now_rfc3339(),
+        "error": error.model_dump() if error else None,
+    }
+    body = json.dumps(head, separators=(",", ":")).encode()
+    if result_json is None:
+        return body
+    return body[:-1] + b',"result":' + result_json + b"}"
+
+
+def parse_record(data: bytes) -> TaskStatus:
+    """A stored record as a `TaskStatus`."""
+    return TaskStatus.model_validate_json(data)

@@ -1,0 +1,75 @@
+"""Settings: every default in one place, overridable by arguments or TASKFRAME_* variables.
+
+Durability, in the words our guarantees page uses:
+    storage="memory"  tasks live in the server's memory: lost if the server stops.
+    storage="file"    tasks are written to disk before the enqueue returns: they survive a
+                      server crash or restart (fsync policy: see `docs/guarantees.md`).
+    replicas=3        (with file storage, in a 3-node cluster) every task is stored on three
+                      servers before the enqueue returns: it survives losing one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from taskframe.errors import ConfigError
+from taskframe.models import check_token
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+_ENV_PREFIX = "TASKFRAME_"
+
+
+class Settings(BaseModel):
+    """Connection and JetStream settings shared by producers and workers.
+
+    Durations are float seconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = DEFAULT_URL
+    """One or more NATS URLs, comma-separated. Credentials may be given in the URL."""
+    namespace: str = "default"
+    """Prefix of every subject, stream and bucket taskframe creates."""
+    creds: str | None = None
+    """Path to a NATS credentials (.creds) file."""
+    storage: Literal["file", "memory"] = "file"
+    """Where streams keep messages: on disk (survives a restart) or in memory."""
+    replicas: int = Field(default=1, ge=1, le=5)
+    """Copies of every stream and bucket across a cluster (1 on a single server)."""
+    ack_wait: float = Field(default=10.0, gt=0)
+    """Seconds a worker may hold a task without a heartbeat before it is redelivered."""
+    duplicate_window: float = Field(default=120.0, gt=0)
+    """Seconds during which an enqueue with the same key is reported as a duplicate."""
+    result_ttl: float = Field(default=86_400.0, gt=0)
+    """Seconds a task's status and result are kept."""
+    dead_ttl: float = Field(default=14 * 86_400.0, gt=0)
+    """Seconds a dead letter is kept."""
+    publish_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for the server to confirm one stored message before retrying it."""
+    publish_attempts: int = Field(default=4, ge=1)
+    """How many times an unconfirmed publish is sent (with the same message id) before failing."""
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from TASKFRAME_<FIELD> variables, with `overrides` that are not None on top."""
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = os.environ.get(_ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = cls.model_validate(values)
+        except ValueError as exc:
+            raise ConfigError(f"invalid settings: {exc}") from exc
+        check_token("namespace", settings.namespace)
+        return settings
+
+    @property
+    def servers(self) -> list[str]:
+        """The URLs in `url`, split on commas."""
+        return [u.strip() for u in self.url.split(",") if u.strip()]

@@ -1,0 +1,183 @@
+"""Names of the JetStream objects taskframe uses, and their idempotent provisioning.
+
+    queue q of namespace ns  stream  TF_<ns>_<q>       WorkQueue, subjects <ns>.tasks.<q>.>
+    its worker pool          durable pull consumer "workers" on that stream
+    dead letters             stream  TF_<ns>_DEAD      Limits, subjects <ns>.dead.>, dead_ttl
+    results and status       KV      TF_<ns>_results   one key per task id, TTL result_ttl
+
+Provisioning creates what is missing and updates settings that JetStream can change in
+place. A setting it cannot change (say, an existing stream with another retention) is a
+`ConfigError` that names the setting, never a silent mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import APIError, NotFoundError
+
+from taskframe.errors import ConfigError
+from taskframe.settings import Settings
+
+WORKERS = "workers"
+_IMMUTABLE = ("retention", "storage")
+_COMPARED = ("subjects", "num_replicas", "duplicate_window", "max_age", "max_msgs_per_subject")
+META_NAMESPACE = "taskframe.namespace"
+META_QUEUE = "taskframe.queue"
+META_KIND = "taskframe.kind"
+
+
+def queue_stream(namespace: str, queue: str) -> str:
+    """The stream name of `queue`."""
+    return f"TF_{namespace}_{queue}"
+
+
+def dead_stream(namespace: str) -> str:
+    """The dead-letter stream name of `namespace`."""
+    return f"TF_{namespace}_DEAD"
+
+
+def results_bucket(namespace: str) -> str:
+    """The results KV bucket name of `namespace`."""
+    return f"TF_{namespace}_results"
+
+
+def result_subject(namespace: str, task_id: str) -> str:
+    """The subject a task's status record is written to (a KV key)."""
+    return f"$KV.{results_bucket(namespace)}.{task_id}"
+
+
+def _storage(settings: Settings) -> js_api.StorageType:
+    return js_api.StorageType.FILE if settings.storage == "file" else js_api.StorageType.MEMORY
+
+
+def queue_config(settings: Settings, queue: str) -> js_api.StreamConfig:
+    """The stream configuration of `queue`."""
+    ns = settings.namespace
+    return js_api.StreamConfig(
+        name=queue_stream(ns, queue),
+        subjects=[f"{ns}.tasks.{queue}.>"],
+        retention=js_api.RetentionPolicy.WORK_QUEUE,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        duplicate_window=settings.duplicate_window,
+        metadata={META_NAMESPACE: ns, META_QUEUE: queue, META_KIND: "queue"},
+    )
+
+
+def dead_config(settings: Settings) -> js_api.StreamConfig:
+    """The dead-letter stream configuration."""
+    ns = settings.namespace
+    return js_api.StreamConfig(
+        name=dead_stream(ns),
+        subjects=[f"{ns}.dead.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_age=settings.dead_ttl,
+        metadata={META_NAMESPACE: ns, META_KIND: "dead"},
+    )
+
+
+def results_config(settings: Settings) -> js_api.StreamConfig:
+    """The stream behind the results KV bucket: what `create_key_value` would make, with a TTL."""
+    bucket = results_bucket(settings.namespace)
+    return js_api.StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_age=settings.result_ttl,
+        max_msgs_per_subject=1,
+        discard=js_api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        duplicate_window=min(120.0, settings.result_ttl),
+        metadata={META_NAMESPACE: settings.namespace, META_KIND: "results"},
+    )
+
+
+def consumer_config(settings: Settings, queue: str, max_in_flight: int) -> js_api.ConsumerConfig:
+    """The durable pull consumer every worker of `queue` shares."""
+    return js_api.ConsumerConfig(
+        name=WORKERS,
+        durable_name=WORKERS,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait,
+        max_deliver=-1,  # workers count attempts and dead-letter; the server must not drop
+        filter_subject=f"{settings.namespace}.tasks.{queue}.>",
+        max_ack_pending=max_in_flight,
+        max_waiting=512,
+    )
+
+
+def _differences(
+    have: js_api.StreamConfig, want: js_api.StreamConfig, fields: tuple[str, ...]
+) -> list[str]:
+    diffs = []
+    for name in fields:
+        ours: Any = getattr(want, name)
+        theirs: Any = getattr(have, name)
+        if ours is None:
+            continue
+        if isinstance(ours, float) and isinstance(theirs, float | int):
+            if abs(ours - theirs) > 1e-6:
+                diffs.append(f"{name}={theirs!r} (taskframe wants {ours!r})")
+        elif ours != theirs:
+            diffs.append(f"{name}={theirs!r} (taskframe wants {ours!r})")
+    return diffs
+
+
+async def ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
+    """Create the stream `want`, or bring an existing one in line with it."""
+    assert want.name is not None
+    try:
+        info = await js.stream_info(want.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(want)
+        except APIError as exc:
+            raise ConfigError(f"cannot create stream {want.name}: {exc.description}") from exc
+        return
+    have = info.config
+    fixed = _differences(have, want, _IMMUTABLE)
+    if fixed:
+        raise ConfigError(
+            f"stream {want.name} exists with {', '.join(fixed)}; these cannot be changed in "
+            "place: delete the stream or use another namespace"
+        )
+    if _differences(have, want, _COMPARED):
+        try:
+            await js.update_stream(want)
+        except APIError as exc:
+            diffs = ", ".join(_differences(have, want, _COMPARED))
+            raise ConfigError(
+                f"cannot update stream {want.name} ({diffs}): {exc.description}"
+            ) from exc
+
+
+async def ensure_consumer(
+    js: JetStreamContext, stream: str, want: js_api.ConsumerConfig
+) -> js_api.ConsumerInfo:
+    """Create the durable consumer `want`, or update it in place (the server's create-or-update)."""
+    try:
+        return await js.add_consumer(stream, want)
+    except APIError as exc:
+        raise ConfigError(
+            f"cannot create consumer {want.name} on {stream}: {exc.description}"
+        ) from exc
+
+
+async def ensure_queue(js: JetStreamContext, settings: Settings, queue: str) -> None:
+    """Create or update the stream of `queue`."""
+    await ensure_stream(js, queue_config(settings, queue))
+
+
+async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the namespace's dead-letter stream and results bucket."""
+    await ensure_stream(js, dead_config(settings))
+    await ensure_stream(js, results_config(settings))

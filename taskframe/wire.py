@@ -1,0 +1,108 @@
+"""The wire format: subjects, headers and bodies, documented in docs/wire-format.md.
+
+A task message is published to `<namespace>.tasks.<queue>.<TaskName>` with the task model's
+JSON as its body. Every header is optional for a producer in another language: a message
+without them is accepted when its body validates against the model its subject names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+MSG_ID = "Nats-Msg-Id"
+TASK = "Tf-Task"
+ID = "Tf-Id"
+ENQUEUED_AT = "Tf-Enqueued-At"
+PRIORITY = "Tf-Priority"
+TRACEPARENT = "traceparent"
+
+# Dead letters carry the original body and headers plus these.
+DEAD_REASON = "Tf-Dead-Reason"
+ERROR_TYPE = "Tf-Error-Type"
+ERROR = "Tf-Error"
+TRACEBACK = "Tf-Traceback"
+ATTEMPTS = "Tf-Attempts"
+ORIGINAL_SUBJECT = "Tf-Subject"
+DIED_AT = "Tf-Died-At"
+
+_KEY_NAMESPACE = uuid.UUID("6f1c2b4e-9a8d-4c1f-8e0b-5d3a7c9e2f10")
+_MAX_HEADER_VALUE = 4096
+
+
+def new_task_id() -> str:
+    """A UUIDv7: unique, and sortable by creation time (RFC 9562)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    value = (value & ~(0xF << 76)) | (0x7 << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    return str(uuid.UUID(int=value))
+
+
+def key_task_id(namespace: str, key: str) -> str:
+    """The task id for an idempotency key: every enqueue of one key names one task."""
+    return str(uuid.uuid5(_KEY_NAMESPACE, f"{namespace}\x00{key}"))
+
+
+def now_rfc3339() -> str:
+    """The current UTC time in RFC 3339 with microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def task_subject(namespace: str, queue: str, name: str) -> str:
+    """The subject a task of `name` is published to."""
+    return f"{namespace}.tasks.{queue}.{name}"
+
+
+def dead_subject(namespace: str, queue: str, name: str) -> str:
+    """The subject a dead letter of a task of `name` is stored under."""
+    return f"{namespace}.dead.{queue}.{name}"
+
+
+def event_subject(namespace: str, name: str) -> str:
+    """The subject an event of `name` is published to."""
+    return f"{namespace}.events.{name}"
+
+
+def task_name_of(subject: str, headers: dict[str, str] | None) -> str:
+    """The task name of a delivered message: its Tf-Task header, else its subject's 4th token."""
+    if headers and (name := headers.get(TASK)):
+        return name
+    parts = subject.split(".", 4)
+    return parts[3] if len(parts) > 3 else ""
+
+
+def task_headers(task_id: str, name: str, msg_id: str) -> dict[str, str]:
+    """The headers taskframe puts on every task message."""
+    return {MSG_ID: msg_id, ID: task_id, TASK: name, ENQUEUED_AT: now_rfc3339()}
+
+
+def encode(model: BaseModel) -> bytes:
+    """The body of a message: the model as JSON."""
+    return model.model_dump_json().encode()
+
+
+def header_size(headers: dict[str, str]) -> int:
+    """The size of `headers` on the wire (NATS/1.0 line, `k: v` lines, blank line)."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+
+
+def one_line(text: str) -> str:
+    """`text` as a header value: one line, bounded in size."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= _MAX_HEADER_VALUE else flat[: _MAX_HEADER_VALUE - 1] + "…"
+
+
+def json_header(text: str) -> str:
+    """Multi-line `text` (a traceback) as a header value: a JSON string, its tail kept."""
+    return json.dumps(text[-_MAX_HEADER_VALUE:])
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON for values taskframe writes itself."""
+    return json.dumps(value, separators=(",", ":")).encode()
