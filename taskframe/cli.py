@@ -1,1 +1,278 @@
-def main() -> None: ...
+"""The `taskframe` command: run workers and a local server, enqueue, inspect queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from taskframe import topology
+from taskframe.app import App
+from taskframe.client import Client, connect
+from taskframe.errors import TaskframeError
+from taskframe.server import NatsServer, default_config
+from taskframe.settings import DEFAULT_URL
+from taskframe.worker import Worker
+
+cli = typer.Typer(
+    name="taskframe",
+    help="Typed, asyncio-native tasks on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Url = Annotated[
+    str | None,
+    typer.Option(
+        help=f"NATS URL(s), comma-separated. [env: TASKFRAME_URL; default: {DEFAULT_URL}]"
+    ),
+]
+AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
+
+
+def load_app(ref: str) -> App:
+    """Import `module:attribute` (from the current directory too) and return the App there."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise typer.BadParameter(f"{ref!r} is not module:attribute", param_hint="APP")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise typer.BadParameter(f"cannot load {ref}: {exc}", param_hint="APP") from exc
+    if not isinstance(app, App):
+        raise typer.BadParameter(f"{ref} is a {type(app).__name__}, not a taskframe App")
+    return app
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s",
+    )
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        asyncio.run(coro)
+    except TaskframeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+
+
+@cli.command()
+def worker(
+    app: AppRef,
+    queue: Annotated[
+        list[str] | None, typer.Option("--queue", "-q", help="Serve only this queue (repeatable).")
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Tasks run at once, per queue.")
+    ] = 64,
+    processes: Annotated[
+        int, typer.Option("--processes", "-p", min=1, help="Worker processes (one per core).")
+    ] = 1,
+    grace: Annotated[
+        float, typer.Option(help="Seconds running tasks get to finish after SIGTERM.")
+    ] = 30.0,
+    url: Url = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+) -> None:
+    """Run a worker for APP until SIGTERM or Ctrl-C, then drain gracefully and exit 0."""
+    _logging(log_level)
+    the_app = load_app(app)
+    if processes > 1:
+        command = [sys.executable, "-m", "taskframe", "worker", app, "-c", str(concurrency)]
+        command += ["--grace", str(grace), "--log-level", log_level]
+        command += [f"--queue={q}" for q in queue or []]
+        command += [f"--url={url}"] if url else []
+        raise typer.Exit(_supervise(command, processes))
+
+    async def main() -> None:
+        async with connect(url, namespace=the_app.namespace) as client:
+            await Worker(the_app, client, queues=queue, concurrency=concurrency, grace=grace).run(
+                handle_signals=True
+            )
+
+    _run(main())
+
+
+def _supervise(command: list[str], processes: int) -> int:
+    """Run `processes` copies of `command`, restart any that dies, pass SIGTERM/SIGINT on."""
+    log = logging.getLogger("taskframe.cli")
+    children = [subprocess.Popen(command) for _ in range(processes)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while not stopping or any(child.poll() is None for child in children):
+        for index, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                log.error(
+                    "worker process %d exited with %d; restarting", child.pid, child.returncode
+                )
+                children[index] = subprocess.Popen(command)
+        time.sleep(0.2)
+    return max(child.returncode for child in children)
+
+
+@cli.command()
+def server(
+    port: Annotated[int, typer.Option(help="Client port (-1: any free port).")] = 4222,
+    store: Annotated[Path, typer.Option(help="JetStream store directory.")] = Path(
+        ".taskframe/nats"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="nats.conf to load. [default: ./nats.conf]")
+    ] = None,
+) -> None:
+    """Run the bundled nats-server with JetStream for local development, until Ctrl-C."""
+    conf = config or default_config()
+    nats = NatsServer(port=port, store_dir=store, config=conf)
+    try:
+        nats.start()
+    except TaskframeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"nats-server listening on {nats.url}  (store: {store}, config: {conf or 'none'})")
+    typer.echo("Ctrl-C to stop.")
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop and nats.running:
+        time.sleep(0.2)
+    nats.stop()
+    typer.echo("nats-server stopped.")
+
+
+@cli.command()
+def enqueue(
+    app: AppRef,
+    task: Annotated[str, typer.Argument(help="The task name, e.g. ResizeImage.")],
+    payload: Annotated[str, typer.Argument(help="The task as JSON.")] = "{}",
+    key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="Wait up to this many seconds for the result.")
+    ] = None,
+    url: Url = None,
+) -> None:
+    """Enqueue one task of APP from JSON and print its id (and its result, with --wait)."""
+    the_app = load_app(app)
+    matches = [h.model for h in the_app.handlers.values() if h.name == task]
+    if not matches:
+        names = sorted(h.name for h in the_app.handlers.values())
+        raise typer.BadParameter(f"{app} has no task {task!r}; it has {names}", param_hint="TASK")
+    try:
+        model = matches[0].model_validate_json(payload)
+    except ValueError as exc:
+        raise typer.BadParameter(f"invalid {task}: {exc}", param_hint="PAYLOAD") from exc
+
+    async def main() -> None:
+        async with connect(url, namespace=the_app.namespace) as client:
+            run = await client.enqueue(model, key=key)
+            typer.echo(f"{run.id}{' (duplicate)' if run.duplicate else ''}")
+            if wait is not None:
+                typer.echo(json.dumps(await run.result(timeout=wait)))
+
+    _run(main())
+
+
+@cli.command()
+def provision(app: AppRef, url: Url = None) -> None:
+    """Create or update APP's streams, consumers and buckets ahead of a deploy."""
+    the_app = load_app(app)
+
+    async def main() -> None:
+        async with connect(url, namespace=the_app.namespace) as client:
+            await topology.ensure_shared(client.js, client.settings)
+            for queue in sorted(the_app.queues):
+                await topology.ensure_queue(client.js, client.settings, queue)
+                await topology.ensure_consumer(
+                    client.js,
+                    topology.queue_stream(client.namespace, queue),
+                    topology.consumer_config(client.settings, queue, Worker.MAX_IN_FLIGHT),
+                )
+            typer.echo(f"provisioned namespace {client.namespace}: queues {sorted(the_app.queues)}")
+
+    _run(main())
+
+
+@cli.command()
+def queues(
+    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
+    url: Url = None,
+) -> None:
+    """Show every taskframe queue: tasks waiting, in flight, redelivered, dead."""
+
+    async def main() -> None:
+        async with connect(url) as client:
+            rows = await _queue_rows(client, namespace)
+        header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD")
+        table = [header, *[tuple(str(v) for v in row) for row in rows]]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        for row in table:
+            typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if not rows:
+            typer.echo("(no taskframe queues on this server)")
+
+    _run(main())
+
+
+QueueRow = tuple[str, str, int, int, int, int]
+
+
+async def _queue_rows(client: Client, only: str | None) -> list[QueueRow]:
+    js = client.js
+    rows = []
+    for info in await js.streams_info():
+        meta = info.config.metadata or {}
+        ns, queue = meta.get(topology.META_NAMESPACE), meta.get(topology.META_QUEUE)
+        if meta.get(topology.META_KIND) != "queue" or ns is None or queue is None:
+            continue
+        if only and ns != only:
+            continue
+        in_flight = redelivered = 0
+        with contextlib.suppress(Exception):  # no worker has run yet: nothing in flight
+            consumer = await js.consumer_info(topology.queue_stream(ns, queue), topology.WORKERS)
+            in_flight = consumer.num_ack_pending or 0
+            redelivered = consumer.num_redelivered or 0
+        dead = 0
+        with contextlib.suppress(Exception):  # no dead-letter stream yet
+            dead_info = await js.stream_info(
+                topology.dead_stream(ns), subjects_filter=f"{ns}.dead.{queue}.>"
+            )
+            dead = sum((dead_info.state.subjects or {}).values())
+        waiting = max(0, info.state.messages - in_flight)
+        rows.append((ns, queue, waiting, in_flight, redelivered, dead))
+    return sorted(rows)
+
+
+def main() -> None:
+    """Entry point of the `taskframe` console script."""
+    cli()

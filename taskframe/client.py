@@ -38,6 +38,7 @@ from taskframe.settings import Settings
 R = TypeVar("R")
 log = logging.getLogger("taskframe.client")
 
+_CONNECT_ATTEMPTS = 3
 _POLL = 2.0  # seconds between re-reads while waiting, in case a status update was missed
 
 
@@ -161,7 +162,7 @@ class Client:
             await nc.connect(
                 servers=self.settings.servers,
                 name=f"taskframe:{self.namespace}",
-                max_reconnect_attempts=-1,
+                max_reconnect_attempts=_CONNECT_ATTEMPTS,
                 reconnect_time_wait=1,
                 connect_timeout=5,
                 ping_interval=10,
@@ -176,6 +177,9 @@ class Client:
                 f"cannot reach NATS at {self._safe_url()}: {exc!r} "
                 "(is a server running? `taskframe server` starts one)"
             ) from exc
+        # Only the first connection gives up; once connected, reconnect forever (nats-py's
+        # default would give up after 60 tries and leave a worker idle for good).
+        nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         self._js = nc.jetstream(timeout=self.settings.publish_timeout)
         return self

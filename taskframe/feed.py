@@ -155,8 +155,8 @@ class Feed:
         if status == "408":
             return
         description = headers.get("Description", "")
-        if status == "409" and "Deleted" in description:
-            log.warning("consumer behind %s was deleted; recreating it", self._next)
+        if (status == "409" and "Deleted" in description) or status == "503":
+            log.warning("consumer behind %s is gone (%s); recreating it", self._next, status)
             self.reset()
         elif status != "409" or "Exceeded" in description:
             log.warning("pull request on %s ended: %s %s", self._next, status, description)

@@ -74,6 +74,7 @@ class NatsServer:
         self.config = Path(config) if config else None
         self.args = args or []
         self.process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
         self.log: deque[str] = deque(maxlen=500)
 
     def __repr__(self) -> str:
@@ -109,7 +110,8 @@ class NatsServer:
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the server directly
         )
         ready = threading.Event()
-        threading.Thread(target=self._read_log, args=(ready,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read_log, args=(ready,), daemon=True)
+        self._reader.start()
         if not ready.wait(timeout) or not self.running:
             self.kill()
             raise ConfigError("nats-server did not start:\n" + "\n".join(list(self.log)[-20:]))
@@ -137,13 +139,20 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.process = None
+        self._release()
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would."""
         if self.process is not None and self.running:
             self.process.kill()
             self.process.wait()
+        self._release()
+
+    def _release(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
         self.process = None
 
     def signal(self, sig: int) -> None:

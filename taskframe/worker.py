@@ -76,6 +76,9 @@ class Worker:
         grace: seconds running tasks get to finish after `stop()`; the rest are handed back.
     """
 
+    MAX_IN_FLIGHT = 100_000
+    """Default cap on tasks held by all of a queue's workers together (max_ack_pending)."""
+
     def __init__(
         self,
         app: App,
@@ -85,7 +88,7 @@ class Worker:
         concurrency: int = 64,
         prefetch: int | None = None,
         grace: float = 30.0,
-        max_in_flight: int = 100_000,
+        max_in_flight: int | None = None,
     ) -> None:
         if app.namespace != client.namespace:
             raise ConfigError(
@@ -104,7 +107,7 @@ class Worker:
         self.concurrency = concurrency
         self.prefetch = min(concurrency, 32) if prefetch is None else prefetch
         self.grace = grace
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight or self.MAX_IN_FLIGHT
         self.stats = WorkerStats()
         self._settings = client.settings
         self._leases: dict[int, Lease] = {}
@@ -219,7 +222,11 @@ class Worker:
                     if feed.stopping:
                         await self._settle(lease, "nak")
                     else:
-                        await self._process(queue, msg, lease)
+                        self._started()
+                        try:
+                            await self._process(queue, msg, lease)
+                        finally:
+                            self._finished()
             except Exception:
                 # Storing a result or a dead letter failed even after retries: the broker is
                 # away. Leave the task to come back after ack_wait rather than stop the worker.
@@ -256,7 +263,9 @@ class Worker:
             return
         lease.expires = time.monotonic() + self._settings.ack_wait
 
-    async def _settle(self, lease: Lease, how: str, delay: float | None = None) -> bool:
+    async def _settle(
+        self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
+    ) -> bool:
         """Ack, nak or term the leased message, unless the lease was lost."""
         if not lease.valid():
             if not lease.lost:
@@ -269,8 +278,8 @@ class Worker:
             await msg.ack()
         elif how == "nak":
             await msg.nak(delay=delay)
-        else:
-            await msg.term()
+        else:  # with a reason, which the server puts in its MSG_TERMINATED advisory
+            await self.client.nc.publish(msg.reply, f"+TERM {reason}".encode())
         self.progress.set()
         return True
 
@@ -344,7 +353,6 @@ class Worker:
         )
         if keeps:
             await self._record(task_id, status_record(task_id, name, TaskState.RUNNING, attempt))
-        self._started()
         try:
             async with asyncio.timeout(handler.timeout):
                 if handler.is_async:
@@ -373,8 +381,6 @@ class Worker:
         except Exception as exc:
             await self._failed(queue, handler, task_id, attempt, lease, exc)
             return
-        finally:
-            self._finished()
         if keeps:
             record = status_record(
                 task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
@@ -506,7 +512,7 @@ class Worker:
                 topology.result_subject(self.app.namespace, task_id),
                 record,
             )
-        if await self._settle(lease, "term"):
+        if await self._settle(lease, "term", reason=f"dead letter: {reason}"):
             self.stats.dead += 1
 
     async def _record(self, task_id: str, record: bytes) -> None:
