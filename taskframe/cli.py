@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ from taskframe import topology
 from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError
+from taskframe.schedules import stored_schedules
 from taskframe.server import NatsServer, default_config
 from taskframe.settings import DEFAULT_URL
 from taskframe.worker import Worker
@@ -37,7 +39,9 @@ cli = typer.Typer(
 Url = Annotated[
     str | None,
     typer.Option(
-        help=f"NATS URL(s), comma-separated. [env: TASKFRAME_URL; default: {DEFAULT_URL}]"
+        help=f"NATS URL(s), comma-separated; may carry credentials. Default: {DEFAULT_URL}.",
+        envvar="TASKFRAME_URL",
+        show_envvar=True,
     ),
 ]
 AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
@@ -112,9 +116,16 @@ def worker(
 
 
 def _supervise(command: list[str], processes: int) -> int:
-    """Run `processes` copies of `command`, restart any that dies, pass SIGTERM/SIGINT on."""
+    """Run `processes` copies of `command`, restart any that dies, pass SIGTERM/SIGINT on.
+
+    A child that keeps dying within seconds of its start (say, a provisioning conflict) is
+    restarted with a growing delay, and after five such deaths in a row the supervisor
+    gives up and stops the others.
+    """
     log = logging.getLogger("taskframe.cli")
+    started = [time.monotonic()] * processes
     children = [subprocess.Popen(command) for _ in range(processes)]
+    quick_deaths = 0
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -128,13 +139,27 @@ def _supervise(command: list[str], processes: int) -> int:
     signal.signal(signal.SIGINT, forward)
     while not stopping or any(child.poll() is None for child in children):
         for index, child in enumerate(children):
-            if child.poll() is not None and not stopping:
-                log.error(
-                    "worker process %d exited with %d; restarting", child.pid, child.returncode
-                )
-                children[index] = subprocess.Popen(command)
+            if child.poll() is None or stopping:
+                continue
+            uptime = time.monotonic() - started[index]
+            quick_deaths = quick_deaths + 1 if uptime < 10 else 0
+            if quick_deaths >= 5:
+                log.error("worker processes keep dying at start; giving up")
+                forward(signal.SIGTERM, None)
+                break
+            delay = min(30.0, 0.5 * 2**quick_deaths) if quick_deaths else 0.0
+            log.error(
+                "worker process %d exited with %d; restarting in %.1fs",
+                child.pid,
+                child.returncode,
+                delay,
+            )
+            time.sleep(delay)
+            started[index] = time.monotonic()
+            children[index] = subprocess.Popen(command)
         time.sleep(0.2)
-    return max(child.returncode for child in children)
+    codes = [child.returncode for child in children]
+    return 1 if quick_deaths >= 5 else max(codes)
 
 
 @cli.command()
@@ -144,7 +169,8 @@ def server(
         ".taskframe/nats"
     ),
     config: Annotated[
-        Path | None, typer.Option(help="nats.conf to load. [default: ./nats.conf]")
+        Path | None,
+        typer.Option(help="nats.conf to load.", show_default="./nats.conf, else the bundled one"),
     ] = None,
 ) -> None:
     """Run the bundled nats-server with JetStream for local development, until Ctrl-C."""
@@ -205,20 +231,19 @@ def enqueue(
 
 @cli.command()
 def provision(app: AppRef, url: Url = None) -> None:
-    """Create or update APP's streams, consumers and buckets ahead of a deploy."""
+    """Create or update APP's streams, consumers, subscriber groups and schedules.
+
+    Run it ahead of a deploy: events published before a group exists are not kept for it.
+    """
     the_app = load_app(app)
 
     async def main() -> None:
         async with connect(url, namespace=the_app.namespace) as client:
-            await topology.ensure_shared(client.js, client.settings)
-            for queue in sorted(the_app.queues):
-                await topology.ensure_queue(client.js, client.settings, queue)
-                await topology.ensure_consumer(
-                    client.js,
-                    topology.queue_stream(client.namespace, queue),
-                    topology.consumer_config(client.settings, queue, Worker.MAX_IN_FLIGHT),
-                )
-            typer.echo(f"provisioned namespace {client.namespace}: queues {sorted(the_app.queues)}")
+            await Worker(the_app, client).provision()
+            typer.echo(
+                f"provisioned namespace {client.namespace}: queues {sorted(the_app.queues)}, "
+                f"groups {sorted(the_app.groups)}, schedules {sorted(the_app.schedules)}"
+            )
 
     _run(main())
 
@@ -234,10 +259,7 @@ def queues(
         async with connect(url) as client:
             rows = await _queue_rows(client, namespace)
         header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD")
-        table = [header, *[tuple(str(v) for v in row) for row in rows]]
-        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-        for row in table:
-            typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        _table(header, [tuple(str(v) for v in row) for row in rows])
         if not rows:
             typer.echo("(no taskframe queues on this server)")
 
@@ -271,6 +293,42 @@ async def _queue_rows(client: Client, only: str | None) -> list[QueueRow]:
         waiting = max(0, info.state.messages - in_flight)
         rows.append((ns, queue, waiting, in_flight, redelivered, dead))
     return sorted(rows)
+
+
+@cli.command("schedules")
+def list_schedules(
+    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
+    url: Url = None,
+) -> None:
+    """Show every periodic schedule the broker holds, with its next fire time."""
+
+    async def main() -> None:
+        async with connect(url) as client:
+            found = await stored_schedules(client.js, namespace)
+        header = ("NAMESPACE", "QUEUE", "NAME", "TASK", "SCHEDULE", "NEXT FIRE (UTC)")
+        rows = [
+            (
+                s.namespace,
+                s.queue,
+                s.name,
+                s.task,
+                s.expression + (f" ({s.time_zone})" if s.time_zone else ""),
+                s.next_fire.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if s.next_fire else "?",
+            )
+            for s in found
+        ]
+        _table(header, rows)
+        if not rows:
+            typer.echo("(no periodic schedules on this server)")
+
+    _run(main())
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main() -> None:

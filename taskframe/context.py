@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from taskframe.client import Client, TaskRun
-    from taskframe.models import Task
+    from taskframe.models import Event, Task
 
 R = TypeVar("R")
 
@@ -64,9 +64,20 @@ class Context:
         """
         await self._heartbeat()
 
-    async def enqueue(self, task: Task[R], *, key: str | None = None) -> TaskRun[R]:
+    async def enqueue(
+        self,
+        task: Task[R],
+        *,
+        key: str | None = None,
+        delay: float | None = None,
+        priority: str | None = None,
+    ) -> TaskRun[R]:
         """Enqueue a follow-up task through the worker's connection."""
-        return await self._client.enqueue(task, key=key)
+        return await self._client.enqueue(task, key=key, delay=delay, priority=priority)
+
+    async def publish(self, event: Event) -> str:
+        """Publish an event to every subscriber group; returns its id."""
+        return await self._client.publish(event)
 
     @property
     def client(self) -> Client:

@@ -1,12 +1,20 @@
 """A continuous pull on one durable consumer: pull requests are kept outstanding, so a worker
 is fed as soon as a message is stored instead of asking for a batch and waiting for it.
 
-The feed asks for at most `capacity - held` messages, where `held` counts messages it
-delivered that are not yet finished; a worker therefore never holds more than `capacity`.
-The server answers a request with up to `batch` messages, then (when the request expires
-or is cut short) a status message saying how many it did not deliver. Status codes:
-100 idle heartbeat, 408 request expired, 409 request ended early (consumer deleted,
-leadership change, limits), 503 no JetStream responder.
+A feed asks for at most `capacity - held - pending` messages, where `held` counts delivered
+messages not yet finished and `pending` those asked for but not yet delivered. The feeds of
+one pool (the priority lanes of a queue) share a `Credit`, so a worker holds about
+`capacity` messages per pool. The server answers a request with up to `batch` messages,
+then (when the request expires or is cut short) a status message saying how many it did
+not deliver: 100 idle heartbeat, 408 request expired, 409 request ended early (consumer
+deleted, leadership change, limits), 503 no such consumer. Requests die silently when the
+connection drops, so every reconnect starts over.
+
+Priority lanes: a lane's feed asks for nothing while a higher lane of its pool still has a
+backlog (each delivery tells how many messages its consumer still has), so lower lanes
+are fetched only once higher ones are drained. The top lane always keeps one request
+open, even with the pool's credit used up, so an urgent task is delivered at once and
+runs in the next free slot.
 """
 
 from __future__ import annotations
@@ -28,45 +36,89 @@ log = logging.getLogger("taskframe.feed")
 EXPIRES = 30.0
 HEARTBEAT = 5.0
 _SILENCE = 3 * HEARTBEAT  # no word at all for this long: the requests are gone
+_BACKLOG_FRESH = 1.0  # seconds a reported backlog is trusted (other workers drain it too)
+
+
+class Credit:
+    """How many messages a pool of feeds may hold, and how many it holds."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self.min_batch = max(1, capacity // 4)
+        self.feeds: list[Feed] = []  # highest priority first
+
+    def finished(self) -> None:
+        """One held message is done (acked, nacked or terminated)."""
+        self.held -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Let every feed of the pool check whether it should ask for more."""
+        for feed in self.feeds:
+            feed.wake()
+
+    def higher_has_backlog(self, feed: Feed) -> bool:
+        """Whether a lane above `feed` still has messages waiting on the server."""
+        for other in self.feeds:
+            if other is feed:
+                return False
+            if other.has_backlog():
+                return True
+        return False
 
 
 class Feed:
-    """Keeps a worker's pull requests outstanding on `stream`/`consumer` and hands over messages."""
+    """Keeps pull requests outstanding on `stream`/`consumer` and hands over the messages."""
 
     def __init__(
         self,
         nc: NATS,
         stream: str,
         consumer: str,
-        capacity: int,
+        credit: Credit,
         deliver: Callable[[Msg], None],
         recover: Callable[[], Awaitable[None]],
     ) -> None:
         self._nc = nc
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._info = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
-        self.capacity = capacity
-        self._min_batch = max(1, capacity // 4)
+        self.credit = credit
+        credit.feeds.append(self)
         self._deliver = deliver
         self._recover = recover
-        self._outstanding: deque[int] = (
-            deque()
-        )  # undelivered count of each open request, oldest first
+        self._outstanding: deque[int] = deque()  # per open request, oldest first: still owed
         self._pending = 0
-        self.held = 0
+        self._backlog = 0
+        self._backlog_at = 0.0
         self._heard = time.monotonic()
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._lost = False
+        self._rotate = False
         self.stopping = False
 
     def __repr__(self) -> str:
-        return f"<Feed {self._next} held={self.held} pending={self._pending}>"
+        return f"<Feed {self._next} held={self.credit.held} pending={self._pending}>"
 
     async def start(self) -> None:
         """Subscribe to the feed's inbox; `run()` then sends the requests."""
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
+        await self._probe_backlog()
         self._wake.set()
+
+    async def _probe_backlog(self) -> None:
+        """Read the consumer's backlog before the first delivery says it (priority lanes only)."""
+        if len(self.credit.feeds) < 2:
+            return
+        try:
+            reply = await self._nc.request(self._info, b"", timeout=5)
+            self._backlog = int(json.loads(reply.data).get("num_pending", 0))
+        except Exception as exc:  # unknown: lower lanes wait until deliveries tell
+            log.debug("backlog of %s unknown: %r", self._info, exc)
+            self._backlog = 1
+        self._backlog_at = time.monotonic()
 
     async def close(self) -> None:
         """Stop asking and drop the inbox; the server forgets requests nobody listens to."""
@@ -76,15 +128,37 @@ class Feed:
             await self._sub.unsubscribe()
             self._sub = None
 
-    def finished(self) -> None:
-        """One held message is done (acked, nacked or terminated)."""
-        self.held -= 1
-        if self.capacity - self.held - self._pending >= self._min_batch:
+    def _free(self) -> int:
+        return self.credit.capacity - self.credit.held - self._pending
+
+    def has_backlog(self) -> bool:
+        """Whether this feed's consumer recently reported messages still waiting."""
+        return self._backlog > 0 and time.monotonic() - self._backlog_at < _BACKLOG_FRESH
+
+    def _wanted(self) -> int:
+        """How many messages to ask for now (0: none)."""
+        if self.credit.higher_has_backlog(self):
+            return 0
+        free = self._free()
+        if free >= self.credit.min_batch or (free > 0 and not self._pending):
+            return free
+        if not self._pending and self.credit.feeds[0] is self and len(self.credit.feeds) > 1:
+            return 1  # the top lane keeps a request open even when the pool is full
+        return 0
+
+    def wake(self) -> None:
+        """Ask for more if there is room for a worthwhile batch."""
+        if self._free() >= self.credit.min_batch:
             self._wake.set()
 
-    def reset(self) -> None:
-        """Forget every open request (after a reconnect): the next round asks afresh."""
+    def reset(self, *, new_inbox: bool = False) -> None:
+        """Forget every open request (after a reconnect): the next round asks afresh.
+
+        With `new_inbox`, deliveries still on their way to the old inbox are dropped too,
+        from now until the new inbox is in place.
+        """
         self._lost = True
+        self._rotate = self._rotate or new_inbox
         self._wake.set()
 
     async def run(self) -> None:
@@ -97,9 +171,8 @@ class Feed:
                 return
             if self._lost or (self._pending and time.monotonic() - self._heard > _SILENCE):
                 await self._start_over()
-            free = self.capacity - self.held - self._pending
-            if free >= self._min_batch or (free > 0 and not self._pending):
-                await self._request(free)
+            if wanted := self._wanted():
+                await self._request(wanted)
 
     async def _start_over(self) -> None:
         log.info("pull requests on %s lost; checking the consumer and asking again", self._next)
@@ -107,8 +180,16 @@ class Feed:
         self._pending = 0
         self._lost = False
         self._heard = time.monotonic()
+        if self._rotate and self._sub is not None:
+            self._rotate = False
+            await self._sub.unsubscribe()
+            self._inbox = self._nc.new_inbox()
+            self._sub = await self._nc.subscribe(
+                self._inbox, cb=self._on_msg, pending_msgs_limit=-1
+            )
         try:
             await self._recover()
+            await self._probe_backlog()
         except Exception as exc:  # the broker may still be away; try again next round
             log.warning("cannot recover consumer for %s: %r", self._next, exc)
             self._lost = True
@@ -126,15 +207,16 @@ class Feed:
         self._pending += batch
 
     def _settle(self, count: int) -> None:
-        """`count` messages of the oldest open request will not come."""
+        """The oldest open request ended; `count` of its messages will not come."""
         if self._outstanding:
-            remaining = self._outstanding.popleft()
-            self._pending -= remaining
+            self._pending -= self._outstanding.popleft()
         elif count:
             self._pending = max(0, self._pending - count)
         self._wake.set()
 
     async def _on_msg(self, msg: Msg) -> None:
+        if self._rotate:
+            return  # stale: sent to a worker that was not listening; the server redelivers
         self._heard = time.monotonic()
         headers = msg.headers
         status = headers.get("Status") if headers and not msg.reply else None
@@ -144,15 +226,22 @@ class Feed:
                 if self._outstanding[0] <= 0:
                     self._outstanding.popleft()
             self._pending = max(0, self._pending - 1)
-            self.held += 1
+            self.credit.held += 1
+            if len(self.credit.feeds) > 1:
+                self._backlog = msg.metadata.num_pending or 0
+                self._backlog_at = time.monotonic()
+                if not self._backlog:
+                    self.credit.wake()  # lower lanes may ask now
             self._deliver(msg)
             return
         if status == "100":
             return
         assert headers is not None
-        left = int(headers.get("Nats-Pending-Messages", "0") or 0)
-        self._settle(left)
+        self._settle(int(headers.get("Nats-Pending-Messages", "0") or 0))
         if status == "408":
+            if self._backlog:
+                self._backlog = 0  # a request ran out unfilled: nothing is waiting
+                self.credit.wake()
             return
         description = headers.get("Description", "")
         if (status == "409" and "Deleted" in description) or status == "503":

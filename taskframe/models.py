@@ -42,6 +42,7 @@ class Task(BaseModel, Generic[R]):
         name: the task name on the wire; default the class name.
         results: whether workers store the outcome for `TaskRun.result()`; default True.
             Turn it off for fire-and-forget tasks to save one write per task.
+        priority: the lane tasks of this model go to unless `enqueue()` says otherwise.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -49,22 +50,26 @@ class Task(BaseModel, Generic[R]):
     __tf_name__: ClassVar[str] = "Task"
     __tf_queue__: ClassVar[str] = "default"
     __tf_results__: ClassVar[bool] = True
+    __tf_priority__: ClassVar[str | None] = None
 
     def __init_subclass__(
         cls,
         queue: str | None = None,
         name: str | None = None,
         results: bool | None = None,
+        priority: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         cls.__tf_name__ = check_token("task name", name or cls.__name__.split("[")[0])
         if queue is not None:
-            if queue in RESERVED_QUEUES:
+            if queue in RESERVED_QUEUES or queue.startswith("_"):
                 raise ConfigError(f"queue name {queue!r} is reserved")
             cls.__tf_queue__ = check_token("queue", queue)
         if results is not None:
             cls.__tf_results__ = results
+        if priority is not None:
+            cls.__tf_priority__ = check_token("priority", priority)
 
 
 class Event(BaseModel):

@@ -75,6 +75,7 @@ class NatsServer:
         self.args = args or []
         self.process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
+        self._ready_seen = False
         self.log: deque[str] = deque(maxlen=500)
 
     def __repr__(self) -> str:
@@ -102,6 +103,7 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> Self:
         """Start the server and return once it accepts clients."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._ready_seen = False
         self.process = subprocess.Popen(
             self.command(),
             stdout=subprocess.DEVNULL,
@@ -112,7 +114,7 @@ class NatsServer:
         ready = threading.Event()
         self._reader = threading.Thread(target=self._read_log, args=(ready,), daemon=True)
         self._reader.start()
-        if not ready.wait(timeout) or not self.running:
+        if not ready.wait(timeout) or not self._ready_seen:
             self.kill()
             raise ConfigError("nats-server did not start:\n" + "\n".join(list(self.log)[-20:]))
         return self
@@ -125,6 +127,7 @@ class NatsServer:
             if match := _LISTENING.search(line):
                 self.port = int(match.group(2))
             if _READY in line:
+                self._ready_seen = True
                 ready.set()
         ready.set()  # the process ended: let start() see it
 

@@ -48,6 +48,8 @@ class Settings(BaseModel):
     """Seconds a task's status and result are kept."""
     dead_ttl: float = Field(default=14 * 86_400.0, gt=0)
     """Seconds a dead letter is kept."""
+    claim_ttl: float = Field(default=7 * 86_400.0, gt=0)
+    """Seconds an exactly-once task's completion is remembered (it never runs again)."""
     publish_timeout: float = Field(default=5.0, gt=0)
     """Seconds to wait for the server to confirm one stored message before retrying it."""
     publish_attempts: int = Field(default=4, ge=1)

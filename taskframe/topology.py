@@ -1,9 +1,13 @@
 """Names of the JetStream objects taskframe uses, and their idempotent provisioning.
 
     queue q of namespace ns  stream  TF_<ns>_<q>       WorkQueue, subjects <ns>.tasks.<q>.>
-    its worker pool          durable pull consumer "workers" on that stream
+                                                       and <ns>.sched.<q>.> (schedules)
+    its worker pool          durable pull consumer "workers" (one per lane: "workers-<lane>")
     dead letters             stream  TF_<ns>_DEAD      Limits, subjects <ns>.dead.>, dead_ttl
     results and status       KV      TF_<ns>_results   one key per task id, TTL result_ttl
+    exactly-once claims      KV      TF_<ns>_claims    one key per task id, per-message TTLs
+    events                   stream  TF_<ns>_EVENTS    Interest, subjects <ns>.events.>
+    a subscriber group g     durable pull consumer "group-<g>" on the events stream
 
 Provisioning creates what is missing and updates settings that JetStream can change in
 place. A setting it cannot change (say, an existing stream with another retention) is a
@@ -12,18 +16,28 @@ place. A setting it cannot change (say, an existing stream with another retentio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
+from taskframe.app import DEFAULT_LANE, QueueOptions
 from taskframe.errors import ConfigError
 from taskframe.settings import Settings
 
 WORKERS = "workers"
 _IMMUTABLE = ("retention", "storage")
-_COMPARED = ("subjects", "num_replicas", "duplicate_window", "max_age", "max_msgs_per_subject")
+_COMPARED = (
+    "subjects",
+    "num_replicas",
+    "duplicate_window",
+    "max_age",
+    "max_msgs_per_subject",
+    "allow_msg_schedules",
+    "allow_msg_ttl",
+)
 META_NAMESPACE = "taskframe.namespace"
 META_QUEUE = "taskframe.queue"
 META_KIND = "taskframe.kind"
@@ -37,6 +51,26 @@ def queue_stream(namespace: str, queue: str) -> str:
 def dead_stream(namespace: str) -> str:
     """The dead-letter stream name of `namespace`."""
     return f"TF_{namespace}_DEAD"
+
+
+def events_stream(namespace: str) -> str:
+    """The event stream name of `namespace`."""
+    return f"TF_{namespace}_EVENTS"
+
+
+def claims_bucket(namespace: str) -> str:
+    """The exactly-once claims KV bucket name of `namespace`."""
+    return f"TF_{namespace}_claims"
+
+
+def group_consumer(group: str) -> str:
+    """The durable consumer name of subscriber group `group`."""
+    return f"group-{group}"
+
+
+def lane_consumer(lane: str) -> str:
+    """The durable consumer name of a queue's priority lane."""
+    return WORKERS if lane == DEFAULT_LANE else f"{WORKERS}-{lane}"
 
 
 def results_bucket(namespace: str) -> str:
@@ -53,17 +87,35 @@ def _storage(settings: Settings) -> js_api.StorageType:
     return js_api.StorageType.FILE if settings.storage == "file" else js_api.StorageType.MEMORY
 
 
-def queue_config(settings: Settings, queue: str) -> js_api.StreamConfig:
-    """The stream configuration of `queue`."""
+def queue_config(
+    settings: Settings, queue: str, options: QueueOptions | None = None
+) -> js_api.StreamConfig:
+    """The stream configuration of `queue`: its tasks, and the schedules that enqueue them."""
     ns = settings.namespace
+    window = options.duplicate_window if options else None
     return js_api.StreamConfig(
         name=queue_stream(ns, queue),
-        subjects=[f"{ns}.tasks.{queue}.>"],
+        subjects=[f"{ns}.tasks.{queue}.>", f"{ns}.sched.{queue}.>"],
         retention=js_api.RetentionPolicy.WORK_QUEUE,
         storage=_storage(settings),
         num_replicas=settings.replicas,
-        duplicate_window=settings.duplicate_window,
+        duplicate_window=window or settings.duplicate_window,
+        allow_msg_schedules=True,
         metadata={META_NAMESPACE: ns, META_QUEUE: queue, META_KIND: "queue"},
+    )
+
+
+def events_config(settings: Settings) -> js_api.StreamConfig:
+    """The event stream: kept until every subscriber group whose filter matches acked it."""
+    ns = settings.namespace
+    return js_api.StreamConfig(
+        name=events_stream(ns),
+        subjects=[f"{ns}.events.>"],
+        retention=js_api.RetentionPolicy.INTEREST,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        duplicate_window=settings.duplicate_window,
+        metadata={META_NAMESPACE: ns, META_KIND: "events"},
     )
 
 
@@ -101,18 +153,62 @@ def results_config(settings: Settings) -> js_api.StreamConfig:
     )
 
 
-def consumer_config(settings: Settings, queue: str, max_in_flight: int) -> js_api.ConsumerConfig:
-    """The durable pull consumer every worker of `queue` shares."""
+def claims_config(settings: Settings) -> js_api.StreamConfig:
+    """The stream behind the claims bucket: per-message TTLs make abandoned claims expire."""
+    config = results_config(settings)
+    bucket = claims_bucket(settings.namespace)
+    config.name = f"KV_{bucket}"
+    config.subjects = [f"$KV.{bucket}.>"]
+    config.max_age = settings.claim_ttl
+    config.duplicate_window = min(120.0, settings.claim_ttl)
+    config.allow_msg_ttl = True
+    config.metadata = {META_NAMESPACE: settings.namespace, META_KIND: "claims"}
+    return config
+
+
+def _consumer(
+    settings: Settings, name: str, max_in_flight: int, filters: list[str]
+) -> js_api.ConsumerConfig:
     return js_api.ConsumerConfig(
-        name=WORKERS,
-        durable_name=WORKERS,
+        name=name,
+        durable_name=name,
         ack_policy=js_api.AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait,
         max_deliver=-1,  # workers count attempts and dead-letter; the server must not drop
-        filter_subject=f"{settings.namespace}.tasks.{queue}.>",
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
         max_ack_pending=max_in_flight,
         max_waiting=512,
     )
+
+
+def lane_configs(
+    settings: Settings, queue: str, options: QueueOptions, max_in_flight: int
+) -> list[tuple[str, js_api.ConsumerConfig]]:
+    """The consumers of `queue`, one per lane, the default lane first.
+
+    Without lanes one consumer takes every task subject, so a task enqueued with a
+    priority is still served (first in, first out). With lanes, the default lane takes
+    `<ns>.tasks.<q>.<Task>` and lane L takes `<ns>.tasks.<q>.<Task>.L`.
+    """
+    prefix = f"{settings.namespace}.tasks.{queue}"
+    limit = options.max_in_flight or max_in_flight
+    if not options.priorities:
+        return [(DEFAULT_LANE, _consumer(settings, WORKERS, limit, [f"{prefix}.>"]))]
+    lanes = sorted(options.priorities, key=lambda lane: lane != DEFAULT_LANE)
+    configs = []
+    for lane in lanes:
+        subject = f"{prefix}.*" if lane == DEFAULT_LANE else f"{prefix}.*.{lane}"
+        configs.append((lane, _consumer(settings, lane_consumer(lane), limit, [subject])))
+    return configs
+
+
+def group_config(
+    settings: Settings, group: str, events: Iterable[str], max_in_flight: int
+) -> js_api.ConsumerConfig:
+    """The durable consumer of subscriber group `group`, filtered to the events it handles."""
+    filters = sorted(f"{settings.namespace}.events.{name}" for name in events)
+    return _consumer(settings, group_consumer(group), max_in_flight, filters)
 
 
 def _differences(
@@ -172,9 +268,33 @@ async def ensure_consumer(
         ) from exc
 
 
-async def ensure_queue(js: JetStreamContext, settings: Settings, queue: str) -> None:
+async def ensure_queue(
+    js: JetStreamContext, settings: Settings, queue: str, options: QueueOptions | None = None
+) -> None:
     """Create or update the stream of `queue`."""
-    await ensure_stream(js, queue_config(settings, queue))
+    await ensure_stream(js, queue_config(settings, queue, options))
+
+
+async def ensure_lanes(
+    js: JetStreamContext,
+    settings: Settings,
+    queue: str,
+    options: QueueOptions,
+    max_in_flight: int,
+) -> None:
+    """Create or update the consumers of `queue`'s lanes; delete lanes no longer declared.
+
+    Consumers on a WorkQueue stream must not overlap, so stale lanes go first and the
+    default lane is updated before new lanes are added.
+    """
+    stream = queue_stream(settings.namespace, queue)
+    wanted = lane_configs(settings, queue, options, max_in_flight)
+    names = {config.name for _, config in wanted}
+    for info in await js.consumers_info(stream):
+        if info.name.startswith(f"{WORKERS}-") and info.name not in names:
+            await js.delete_consumer(stream, info.name)
+    for _, config in wanted:
+        await ensure_consumer(js, stream, config)
 
 
 async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:

@@ -18,6 +18,11 @@ from pydantic import BaseModel
 
 MSG_ID = "Nats-Msg-Id"
 TASK = "Tf-Task"
+EVENT = "Tf-Event"
+SCHEDULE_NAME = "Tf-Schedule"
+SCHEDULE = "Nats-Schedule"
+SCHEDULE_TARGET = "Nats-Schedule-Target"
+SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
 ID = "Tf-Id"
 ENQUEUED_AT = "Tf-Enqueued-At"
 PRIORITY = "Tf-Priority"
@@ -51,17 +56,39 @@ def key_task_id(namespace: str, key: str) -> str:
 
 def now_rfc3339() -> str:
     """The current UTC time in RFC 3339 with microseconds."""
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
 
 
-def task_subject(namespace: str, queue: str, name: str) -> str:
-    """The subject a task of `name` is published to."""
-    return f"{namespace}.tasks.{queue}.{name}"
+def rfc3339(moment: datetime) -> str:
+    """`moment` (timezone-aware) in UTC, RFC 3339 with microseconds, as the server parses it."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def task_subject(namespace: str, queue: str, name: str, lane: str | None = None) -> str:
+    """The subject a task of `name` is published to: a 5th token names a priority lane."""
+    if lane is None or lane == "default":
+        return f"{namespace}.tasks.{queue}.{name}"
+    return f"{namespace}.tasks.{queue}.{name}.{lane}"
+
+
+def once_subject(namespace: str, queue: str, task_id: str) -> str:
+    """The subject holding the schedule of one delayed task until it fires."""
+    return f"{namespace}.sched.{queue}.at.{task_id}"
+
+
+def periodic_subject(namespace: str, queue: str, name: str) -> str:
+    """The subject holding the periodic schedule `name`."""
+    return f"{namespace}.sched.{queue}.cron.{name}"
 
 
 def dead_subject(namespace: str, queue: str, name: str) -> str:
     """The subject a dead letter of a task of `name` is stored under."""
     return f"{namespace}.dead.{queue}.{name}"
+
+
+def dead_event_subject(namespace: str, group: str, name: str) -> str:
+    """The subject a dead letter of event `name` for subscriber `group` is stored under."""
+    return f"{namespace}.dead._events.{group}.{name}"
 
 
 def event_subject(namespace: str, name: str) -> str:
@@ -75,6 +102,14 @@ def task_name_of(subject: str, headers: dict[str, str] | None) -> str:
         return name
     parts = subject.split(".", 4)
     return parts[3] if len(parts) > 3 else ""
+
+
+def event_name_of(subject: str, headers: dict[str, str] | None) -> str:
+    """The event name of a delivered message: its Tf-Event header, else the subject's tail."""
+    if headers and (name := headers.get(EVENT)):
+        return name
+    parts = subject.split(".", 2)
+    return parts[2] if len(parts) > 2 else ""
 
 
 def task_headers(task_id: str, name: str, msg_id: str) -> dict[str, str]:

@@ -1,11 +1,12 @@
-"""The worker: pulls tasks, runs their handlers, and settles every message exactly one way.
+"""The worker: pulls tasks and events, runs their handlers, and settles every message once.
 
 Each message ends in exactly one of:
     ack      the handler returned and its result (if the task keeps results) is stored
     nak      the attempt failed and attempts remain: redelivered after the backoff delay
     term     after its dead letter was stored: bad payload, unknown task, last attempt failed
     nothing  the worker lost its lease (paused or cut off longer than `ack_wait`); the
-             server has redelivered the task to another worker, so this one keeps its hands off
+             server has redelivered the task to another worker, and JetStream would honour
+             a stale ack, so this worker keeps its hands off
 
 While a message is held, the worker renews its lease with `in_progress()` every third of
 `ack_wait`, so `ack_wait` stays short and a crashed worker's tasks come back quickly.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import signal
 import time
@@ -25,15 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.js import api as js_api
 from pydantic import ValidationError
 
-from taskframe import topology, wire
+from taskframe import schedules, topology, wire
 from taskframe.app import App, Handler
+from taskframe.claims import Claim, Claims, Outcome
 from taskframe.client import Client
 from taskframe.context import Context
 from taskframe.errors import ConfigError, Reject, Retry, TaskframeError
-from taskframe.feed import Feed
+from taskframe.feed import Credit, Feed
 from taskframe.publish import publish_stored
+from taskframe.ratelimit import RateLimit, RateLimiter
 from taskframe.results import ErrorInfo, TaskState, status_record
 
 log = logging.getLogger("taskframe.worker")
@@ -41,15 +46,33 @@ log = logging.getLogger("taskframe.worker")
 
 @dataclass(slots=True)
 class Lease:
-    """A held message and until when the server still counts it as ours."""
+    """A held message, until when the server still counts it as ours, and its claim if any."""
 
     msg: Msg
     expires: float
     lost: bool = False
+    claim: Claim | None = None
 
     def valid(self) -> bool:
         """Whether the message is still ours to settle."""
         return not self.lost and time.monotonic() < self.expires
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One consumer a worker pulls from: a queue's lane, or a subscriber group."""
+
+    stream: str
+    consumer: js_api.ConsumerConfig
+    rank: int  # lane order: 0 is served first
+    handlers: dict[str, Handler[Any]]
+    queue: str | None = None  # set for task routes
+    group: str | None = None  # set for event routes
+
+    @property
+    def label(self) -> str:
+        """How logs name this route."""
+        return f"queue {self.queue}" if self.queue else f"group {self.group}"
 
 
 @dataclass
@@ -60,18 +83,33 @@ class WorkerStats:
     retried: int = 0
     dead: int = 0
     lost: int = 0
+    skipped: int = 0
+    """Exactly-once tasks acked without running because they had completed before."""
     running: int = 0
-    by_task: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Pool:
+    """The runners, buffer and credit that the routes of one queue (or group) share."""
+
+    name: str
+    credit: Credit
+    buffer: asyncio.PriorityQueue[tuple[int, int, Msg, Route]] = field(
+        default_factory=asyncio.PriorityQueue
+    )
+    feeds: list[Feed] = field(default_factory=list)
+    limiter: RateLimiter | None = None
 
 
 class Worker:
-    """Runs an App's handlers for some of its queues until stopped.
+    """Runs an App's handlers for some of its queues (and its event groups) until stopped.
 
     Args:
         app: the handlers.
         client: an open client for the app's namespace (its connection is shared).
         queues: the queues to serve; default every queue the app has handlers for.
-        concurrency: tasks run at once, per queue.
+        groups: the subscriber groups to serve; default every group of the app.
+        concurrency: tasks run at once, per queue (and per group).
         prefetch: extra tasks held ready per queue, so a free slot never waits for the network.
         grace: seconds running tasks get to finish after `stop()`; the rest are handed back.
     """
@@ -85,10 +123,10 @@ class Worker:
         client: Client,
         *,
         queues: Iterable[str] | None = None,
+        groups: Iterable[str] | None = None,
         concurrency: int = 64,
         prefetch: int | None = None,
         grace: float = 30.0,
-        max_in_flight: int | None = None,
     ) -> None:
         if app.namespace != client.namespace:
             raise ConfigError(
@@ -96,31 +134,33 @@ class Worker:
             )
         self.app = app
         self.client = client
-        self.queues = sorted(queues or app.queues)
+        self.queues = sorted(app.queues if queues is None else queues)
+        self.groups = sorted(app.groups if groups is None else groups)
         unknown = set(self.queues) - app.queues
         if unknown:
             raise ConfigError(f"no handlers for queue(s) {sorted(unknown)} in {app!r}")
-        if not self.queues:
-            raise ConfigError(f"{app!r} has no handlers: nothing to run")
+        if not self.queues and not self.groups:
+            raise ConfigError(f"{app!r} has no handlers or subscribers: nothing to run")
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
         self.concurrency = concurrency
         self.prefetch = min(concurrency, 32) if prefetch is None else prefetch
         self.grace = grace
-        self.max_in_flight = max_in_flight or self.MAX_IN_FLIGHT
         self.stats = WorkerStats()
         self._settings = client.settings
         self._leases: dict[int, Lease] = {}
+        self._pools: list[_Pool] = []
+        self._order = itertools.count()
+        self._claims: Claims | None = None
+        self._threads: ThreadPoolExecutor | None = None
         self._stop = asyncio.Event()  # asyncio events bind to a loop on first use, not here
         self._idle = asyncio.Event()
         self._idle.set()
+        self._awake = time.monotonic()  # when the lease keeper last ran
         self.ready = asyncio.Event()
-        """Set once the worker has provisioned its queues and is pulling."""
+        """Set once the worker has provisioned its streams and is pulling."""
         self.progress = asyncio.Event()
         """Set whenever a message is settled; clear it to wait for the next."""
-        self._feeds: dict[str, Feed] = {}
-        self._buffers: dict[str, asyncio.Queue[Msg]] = {}
-        self._threads: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         s = self.stats
@@ -140,18 +180,20 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         self._threads = ThreadPoolExecutor(min(self.concurrency, 64), "taskframe")
+        self._awake = time.monotonic()
         try:
-            await self._provision()
+            routes = await self.provision()
             async with asyncio.TaskGroup() as group:
-                for queue in self.queues:
-                    await self._start_queue(group, queue)
+                for pool_routes in routes:
+                    await self._start_pool(group, pool_routes)
                 group.create_task(self._keep_leases(), name="taskframe-leases")
                 self.client.reconnect_listeners.append(self._on_reconnect)
                 self.ready.set()
                 log.info(
-                    "worker ready: namespace=%s queues=%s concurrency=%d",
+                    "worker ready: namespace=%s queues=%s groups=%s concurrency=%d",
                     self.app.namespace,
                     self.queues,
+                    self.groups,
                     self.concurrency,
                 )
                 await self._stop.wait()
@@ -166,92 +208,173 @@ class Worker:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
-            if self._threads is not None:
-                self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker stopped: %r", self)
 
-    async def _provision(self) -> None:
-        js = self.client.js
-        await topology.ensure_shared(js, self._settings)
+    async def provision(self) -> list[list[Route]]:
+        """Create or update the streams, consumers, groups and schedules this worker serves.
+
+        Returns the routes of each pool (internal). Safe to run from many workers at once.
+        """
+        js, settings, ns = self.client.js, self._settings, self.app.namespace
+        await topology.ensure_shared(js, settings)
+        if any(h.exactly_once for (q, _), h in self.app.handlers.items() if q in self.queues):
+            self._claims = Claims(js, settings)
+            await self._claims.ensure()
+        pools: list[list[Route]] = []
         for queue in self.queues:
-            await topology.ensure_queue(js, self._settings, queue)
-            await self._ensure_consumer(queue)
+            options = self.app.options(queue)
+            await topology.ensure_queue(js, settings, queue, options)
+            await topology.ensure_lanes(js, settings, queue, options, self.MAX_IN_FLIGHT)
+            handlers = {name: h for (q, name), h in self.app.handlers.items() if q == queue}
+            configs = topology.lane_configs(settings, queue, options, self.MAX_IN_FLIGHT)
+            rank = {lane: i for i, lane in enumerate(options.lanes)}
+            stream = topology.queue_stream(ns, queue)
+            pools.append(
+                [Route(stream, c, rank[lane], handlers, queue=queue) for lane, c in configs]
+            )
+        await schedules.reconcile(js, settings, self.app, self.queues)
+        if self.groups:
+            await topology.ensure_stream(js, topology.events_config(settings))
+        for group in self.groups:
+            handlers = {name: h for (g, name), h in self.app.subscribers.items() if g == group}
+            config = topology.group_config(settings, group, handlers, self.MAX_IN_FLIGHT)
+            stream = topology.events_stream(ns)
+            await topology.ensure_consumer(js, stream, config)
+            pools.append([Route(stream, config, 0, handlers, group=group)])
+        return pools
 
-    async def _ensure_consumer(self, queue: str) -> None:
-        await topology.ensure_consumer(
-            self.client.js,
-            topology.queue_stream(self.app.namespace, queue),
-            topology.consumer_config(self._settings, queue, self.max_in_flight),
-        )
-
-    async def _start_queue(self, group: asyncio.TaskGroup, queue: str) -> None:
-        buffer: asyncio.Queue[Msg] = asyncio.Queue()
-        feed = Feed(
-            self.client.nc,
-            topology.queue_stream(self.app.namespace, queue),
-            topology.WORKERS,
-            self.concurrency + self.prefetch,
-            functools.partial(self._accept, buffer),
-            functools.partial(self._recover, queue),
-        )
-        self._feeds[queue] = feed
-        self._buffers[queue] = buffer
-        await feed.start()
-        group.create_task(feed.run(), name=f"taskframe-feed-{queue}")
+    async def _start_pool(self, group: asyncio.TaskGroup, routes: list[Route]) -> None:
+        first = routes[0]
+        pool = _Pool(first.label, Credit(self.concurrency + self.prefetch))
+        if first.queue and (limit := self.app.options(first.queue).rate_limit):
+            pool.limiter = RateLimiter(
+                self.client.js, self._settings, first.queue, RateLimit.parse(limit)
+            )
+            await pool.limiter.ensure()
+        for route in sorted(routes, key=lambda r: r.rank):  # the credit lists lanes top first
+            assert route.consumer.name is not None
+            feed = Feed(
+                self.client.nc,
+                route.stream,
+                route.consumer.name,
+                pool.credit,
+                functools.partial(self._accept, pool, route),
+                functools.partial(self._recover, route),
+            )
+            pool.feeds.append(feed)
+        for feed in pool.feeds:
+            await feed.start()
+            group.create_task(feed.run(), name=f"taskframe-feed-{feed}")
+        self._pools.append(pool)
         for n in range(self.concurrency):
-            group.create_task(self._runner(queue, feed, buffer), name=f"taskframe-run-{queue}-{n}")
+            group.create_task(self._runner(pool), name=f"taskframe-run-{pool.name}-{n}")
 
-    async def _recover(self, queue: str) -> None:
-        await topology.ensure_queue(self.client.js, self._settings, queue)
-        await self._ensure_consumer(queue)
+    async def _recover(self, route: Route) -> None:
+        if route.queue:
+            await topology.ensure_queue(
+                self.client.js, self._settings, route.queue, self.app.options(route.queue)
+            )
+        else:
+            await topology.ensure_stream(self.client.js, topology.events_config(self._settings))
+        await topology.ensure_consumer(self.client.js, route.stream, route.consumer)
 
     async def _on_reconnect(self) -> None:
-        for feed in self._feeds.values():
-            feed.reset()
+        for pool in self._pools:
+            for feed in pool.feeds:
+                feed.reset()
 
-    def _accept(self, buffer: asyncio.Queue[Msg], msg: Msg) -> None:
-        self._leases[id(msg)] = Lease(msg, time.monotonic() + self._settings.ack_wait)
-        buffer.put_nowait(msg)
+    def _accept(self, pool: _Pool, route: Route, msg: Msg) -> None:
+        now = time.monotonic()
+        if now - self._awake > self._settings.ack_wait:
+            # The loop has not run for longer than a lease (the process was stopped, or a
+            # handler blocked the loop): this delivery may be stale and redelivered
+            # elsewhere already. Drop it unsettled; the keeper starts over when it wakes.
+            pool.credit.finished()
+            return
+        self._leases[id(msg)] = Lease(msg, now + self._settings.ack_wait)
+        pool.buffer.put_nowait((route.rank, next(self._order), msg, route))
 
-    async def _runner(self, queue: str, feed: Feed, buffer: asyncio.Queue[Msg]) -> None:
+    async def _runner(self, pool: _Pool) -> None:
         while True:
-            msg = await buffer.get()
+            _, _, msg, route = await pool.buffer.get()
             lease = self._leases.get(id(msg))
             try:
-                if lease is not None:
-                    if feed.stopping:
-                        await self._settle(lease, "nak")
-                    else:
-                        self._started()
-                        try:
-                            await self._process(queue, msg, lease)
-                        finally:
-                            self._finished()
+                if lease is None or not self._still_ours(lease):
+                    continue  # lost while it waited; another worker has it now
+                if self._stop.is_set():
+                    await self._settle(lease, "nak")
+                    continue
+                self._started()
+                try:
+                    await self._process(pool, route, lease)
+                finally:
+                    self._finished()
             except Exception:
                 # Storing a result or a dead letter failed even after retries: the broker is
                 # away. Leave the task to come back after ack_wait rather than stop the worker.
-                log.exception("task on %s not settled; it will be redelivered", msg.subject)
+                log.exception("message on %s not settled; it will be redelivered", msg.subject)
             finally:
                 self._leases.pop(id(msg), None)
-                feed.finished()
+                pool.credit.finished()
+
+    def _started(self) -> None:
+        self.stats.running += 1
+        self._idle.clear()
+
+    def _finished(self) -> None:
+        self.stats.running -= 1
+        if self.stats.running == 0:
+            self._idle.set()
 
     async def _keep_leases(self) -> None:
         period = self._settings.ack_wait / 3
         while True:
             await asyncio.sleep(period / 2)
             now = time.monotonic()
+            if now - self._awake > self._settings.ack_wait:
+                self._woke_up(now - self._awake)
+            self._awake = now
             for key, lease in list(self._leases.items()):
                 if now >= lease.expires:
                     lease.lost = True
                     self._leases.pop(key, None)
                     self.stats.lost += 1
                     log.warning(
-                        "lease on %s expired (worker paused or cut off): another worker "
-                        "owns it now; it will not be settled here",
+                        "lease on %s expired (worker paused or cut off): another worker owns "
+                        "it now; it will not be settled here",
                         lease.msg.subject,
                     )
                 elif lease.expires - now < self._settings.ack_wait - period:
                     await self._renew(lease)
+
+    def _woke_up(self, asleep: float) -> None:
+        """The loop stood still longer than a lease: everything held now belongs to others."""
+        log.warning(
+            "worker was stalled for %.1fs, longer than its lease (ack_wait %.1fs): dropping "
+            "%d held task(s) unsettled and asking the server afresh",
+            asleep,
+            self._settings.ack_wait,
+            len(self._leases),
+        )
+        for lease in self._leases.values():
+            if not lease.lost:
+                lease.lost = True
+                self.stats.lost += 1
+        self._leases.clear()
+        for pool in self._pools:
+            for feed in pool.feeds:
+                feed.reset(new_inbox=True)
+
+    def _still_ours(self, lease: Lease) -> bool:
+        """Whether `lease` is valid; if not, count it lost (once) and say so."""
+        if lease.valid():
+            return True
+        if not lease.lost:
+            lease.lost = True
+            self.stats.lost += 1
+            log.warning("lease on %s lost: leaving it to its new owner", lease.msg.subject)
+        return False
 
     async def _renew(self, lease: Lease) -> None:
         if not lease.valid():
@@ -262,16 +385,14 @@ class Worker:
             log.debug("heartbeat not sent: %r", exc)
             return
         lease.expires = time.monotonic() + self._settings.ack_wait
+        if lease.claim is not None and self._claims is not None:
+            await self._claims.renew(lease.claim)
 
     async def _settle(
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
     ) -> bool:
         """Ack, nak or term the leased message, unless the lease was lost."""
-        if not lease.valid():
-            if not lease.lost:
-                lease.lost = True
-                self.stats.lost += 1
-            log.warning("not settling %s (%s): lease lost", lease.msg.subject, how)
+        if not self._still_ours(lease):
             return False
         msg = lease.msg
         if how == "ack":
@@ -283,69 +404,67 @@ class Worker:
         self.progress.set()
         return True
 
-    async def _process(self, queue: str, msg: Msg, lease: Lease) -> None:
+    async def _process(self, pool: _Pool, route: Route, lease: Lease) -> None:
+        msg = lease.msg
         meta = msg.metadata
         attempt = meta.num_delivered
         headers = msg.headers or {}
-        name = wire.task_name_of(msg.subject, headers)
-        task_id = headers.get(wire.ID) or f"{queue}-{meta.sequence.stream}"
-        handler = self.app.handlers.get((queue, name))
+        if route.queue:
+            name = wire.task_name_of(msg.subject, headers)
+            task_id = headers.get(wire.ID) or f"{route.queue}-{meta.sequence.stream}"
+        else:
+            name = wire.event_name_of(msg.subject, headers)
+            task_id = headers.get(wire.ID) or f"event-{meta.sequence.stream}"
+        handler = route.handlers.get(name)
         if handler is None:
-            await self._bury(
-                lease,
-                queue,
-                name,
-                task_id,
-                attempt,
-                "unknown-task",
-                ErrorInfo(
-                    type="UnknownTask", message=f"no handler for task {name!r} on queue {queue!r}"
-                ),
-                keeps_result=True,
+            error = ErrorInfo(
+                type="UnknownTask", message=f"no handler for {name!r} in {route.label}"
             )
+            await self._bury(lease, route, name, task_id, attempt, "unknown-task", error, True)
             return
-        keeps = handler.model.__tf_results__
+        keeps = handler.keeps_result
         if attempt > handler.max_attempts:
-            await self._bury(
-                lease,
-                queue,
-                name,
-                task_id,
-                attempt - 1,
-                "lost",
-                ErrorInfo(
-                    type="AttemptsExhausted",
-                    message=f"delivered {attempt} times; earlier attempts never finished "
-                    "(worker crashed, timed out or was cut off)",
-                ),
-                keeps_result=keeps,
+            error = ErrorInfo(
+                type="AttemptsExhausted",
+                message=f"delivered {attempt} times; earlier attempts never finished "
+                "(worker crashed, timed out or was cut off)",
             )
+            await self._bury(lease, route, name, task_id, attempt - 1, "lost", error, keeps)
             return
         try:
             task = handler.model.model_validate_json(msg.data)
         except ValidationError as exc:
-            await self._bury(
-                lease,
-                queue,
-                name,
-                task_id,
-                attempt,
-                "invalid",
-                ErrorInfo(type="ValidationError", message=_short(exc)),
-                keeps_result=keeps,
-            )
+            error = ErrorInfo(type="ValidationError", message=_short(exc))
+            await self._bury(lease, route, name, task_id, attempt, "invalid", error, keeps)
             return
-        await self._run(queue, handler, task, task_id, attempt, lease)
+        if pool.limiter is not None:
+            await pool.limiter.acquire()
+        if handler.exactly_once and self._claims is not None:
+            claim = await self._claims.claim(task_id)
+            if claim.outcome is Outcome.DONE:
+                if await self._settle(lease, "ack"):
+                    self.stats.skipped += 1
+                return
+            if claim.outcome is Outcome.BUSY:
+                await self._settle(lease, "nak", claim.retry_in)
+                return
+            lease.claim = claim
+        await self._run(route, handler, task, task_id, attempt, lease)
 
     async def _run(
-        self, queue: str, handler: Handler[Any], task: Any, task_id: str, attempt: int, lease: Lease
+        self,
+        route: Route,
+        handler: Handler[Any],
+        task: Any,
+        task_id: str,
+        attempt: int,
+        lease: Lease,
     ) -> None:
-        name = handler.name
-        keeps = handler.model.__tf_results__
+        name, keeps, ns = handler.name, handler.keeps_result, self.app.namespace
         ctx = Context(
             task_id=task_id,
             task=name,
-            queue=queue,
+            queue=route.queue or "",
             attempt=attempt,
             max_attempts=handler.max_attempts,
             client=self.client,
@@ -364,48 +483,41 @@ class Worker:
                     )
             result_json = handler.result.dump_json(handler.result.validate_python(value))
         except asyncio.CancelledError:
+            await self._release(lease)
             await self._settle(lease, "nak")  # shutting down: hand the task back at once
             raise
         except Reject as exc:
-            await self._bury(
-                lease,
-                queue,
-                name,
-                task_id,
-                attempt,
-                "rejected",
-                ErrorInfo(type="Reject", message=exc.reason),
-                keeps_result=keeps,
-            )
+            await self._release(lease)
+            error = ErrorInfo(type="Reject", message=exc.reason)
+            await self._bury(lease, route, name, task_id, attempt, "rejected", error, keeps)
             return
         except Exception as exc:
-            await self._failed(queue, handler, task_id, attempt, lease, exc)
+            await self._release(lease)
+            await self._failed(route, handler, task_id, attempt, lease, exc)
+            return
+        claims, claim = self._claims, lease.claim
+        if claims is not None and claim is not None and not await claims.complete(claim):
+            log.warning("claim on %s %s was lost while it ran: not acking", name, task_id)
+            self.stats.lost += 1
+            return
+        if not self._still_ours(lease):  # another worker owns the task: its record wins
             return
         if keeps:
             record = status_record(
                 task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
             )
-            await publish_stored(
-                self.client.js,
-                self._settings,
-                topology.result_subject(self.app.namespace, task_id),
-                record,
-            )
+            subject = topology.result_subject(ns, task_id)
+            await publish_stored(self.client.js, self._settings, subject, record)
         if await self._settle(lease, "ack"):
             self.stats.succeeded += 1
 
-    def _started(self) -> None:
-        self.stats.running += 1
-        self._idle.clear()
-
-    def _finished(self) -> None:
-        self.stats.running -= 1
-        if self.stats.running == 0:
-            self._idle.set()
+    async def _release(self, lease: Lease) -> None:
+        if lease.claim is not None and self._claims is not None:
+            await self._claims.release(lease.claim)
 
     async def _failed(
         self,
-        queue: str,
+        route: Route,
         handler: Handler[Any],
         task_id: str,
         attempt: int,
@@ -422,22 +534,16 @@ class Worker:
                 message=str(exc),
                 traceback="".join(traceback.format_exception(exc)),
             )
+        keeps = handler.keeps_result
+        if not self._still_ours(lease):
+            return
         if attempt >= handler.max_attempts:
-            await self._bury(
-                lease,
-                queue,
-                handler.name,
-                task_id,
-                attempt,
-                "failed",
-                error,
-                keeps_result=handler.model.__tf_results__,
-            )
+            await self._bury(lease, route, handler.name, task_id, attempt, "failed", error, keeps)
             return
         delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
         delay = handler.backoff.delay(attempt) if delay is None else delay
         log.info(
-            "task %s %s attempt %d/%d failed (%s); retrying in %.1fs",
+            "%s %s attempt %d/%d failed (%s); retrying in %.1fs",
             handler.name,
             task_id,
             attempt,
@@ -445,27 +551,26 @@ class Worker:
             error.type,
             delay,
         )
-        if handler.model.__tf_results__:
-            await self._record(
-                task_id,
-                status_record(task_id, handler.name, TaskState.FAILED, attempt, error=error),
-            )
+        if keeps:
+            record = status_record(task_id, handler.name, TaskState.FAILED, attempt, error=error)
+            await self._record(task_id, record)
         if await self._settle(lease, "nak", delay):
             self.stats.retried += 1
 
     async def _bury(
         self,
         lease: Lease,
-        queue: str,
+        route: Route,
         name: str,
         task_id: str,
         attempt: int,
         reason: str,
         error: ErrorInfo,
-        *,
         keeps_result: bool,
     ) -> None:
         """Store a dead letter, then terminate the message: never the other way round."""
+        if not self._still_ours(lease):
+            return
         msg = lease.msg
         headers = {k: v for k, v in (msg.headers or {}).items() if k != wire.MSG_ID}
         headers.update(
@@ -482,15 +587,19 @@ class Worker:
         )
         if error.traceback:
             headers[wire.TRACEBACK] = wire.json_header(error.traceback)
-        subject = wire.dead_subject(self.app.namespace, queue, name or "unknown")
+        ns = self.app.namespace
+        if route.queue:
+            subject = wire.dead_subject(ns, route.queue, name or "unknown")
+        else:
+            subject = wire.dead_event_subject(ns, route.group or "", name or "unknown")
         try:
             await publish_stored(self.client.js, self._settings, subject, msg.data, headers)
         except TaskframeError as exc:
-            log.error("dead letter for %s not stored (%s); task goes back to retry", task_id, exc)
+            log.error("dead letter for %s not stored (%s); it goes back to retry", task_id, exc)
             await self._settle(lease, "nak", 5.0)
             return
         log.warning(
-            "task %s %s is dead (%s after %d attempt(s)): %s: %s",
+            "%s %s is dead (%s after %d attempt(s)): %s: %s",
             name,
             task_id,
             reason,
@@ -498,7 +607,7 @@ class Worker:
             error.type,
             error.message,
         )
-        if keeps_result:
+        if keeps_result and route.queue:
             record = status_record(
                 task_id,
                 name,
@@ -506,21 +615,16 @@ class Worker:
                 attempt,
                 error=error.model_copy(update={"reason": reason}),
             )
-            await publish_stored(
-                self.client.js,
-                self._settings,
-                topology.result_subject(self.app.namespace, task_id),
-                record,
-            )
+            subject = topology.result_subject(ns, task_id)
+            await publish_stored(self.client.js, self._settings, subject, record)
         if await self._settle(lease, "term", reason=f"dead letter: {reason}"):
             self.stats.dead += 1
 
     async def _record(self, task_id: str, record: bytes) -> None:
         """Write a non-final status without waiting: a later final record supersedes it."""
         try:
-            await self.client.nc.publish(
-                topology.result_subject(self.app.namespace, task_id), record
-            )
+            subject = topology.result_subject(self.app.namespace, task_id)
+            await self.client.nc.publish(subject, record)
         except Exception as exc:
             log.debug("status not written: %r", exc)
 
@@ -528,15 +632,15 @@ class Worker:
         log.info(
             "stopping: finishing %d running task(s), up to %.0fs", self.stats.running, self.grace
         )
-        for feed in self._feeds.values():
-            feed.stopping = True
-        for queue, buffer in self._buffers.items():
-            while not buffer.empty():
-                msg = buffer.get_nowait()
+        for pool in self._pools:
+            for feed in pool.feeds:
+                feed.stopping = True
+            while not pool.buffer.empty():
+                _, _, msg, _ = pool.buffer.get_nowait()
                 lease = self._leases.pop(id(msg), None)
                 if lease is not None:
                     await self._settle(lease, "nak")
-                self._feeds[queue].finished()
+                pool.credit.finished()
         try:
             await asyncio.wait_for(self._idle.wait(), self.grace)
         except TimeoutError:
@@ -545,8 +649,9 @@ class Worker:
                 self.stats.running,
                 self.grace,
             )
-        for feed in self._feeds.values():
-            await feed.close()
+        for pool in self._pools:
+            for feed in pool.feeds:
+                await feed.close()
         await self.client.nc.flush()
 
 

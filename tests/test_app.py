@@ -19,7 +19,7 @@ def test_handle_registers_and_returns_the_function_unchanged() -> None:
     assert handler.is_async
     assert handler.max_attempts == 3
     assert app.queues == {"math"}
-    assert repr(app) == "<App 'ns' handlers=1 queues=['math']>"
+    assert repr(app) == "<App 'ns' handlers=1 queues=['math'] groups=[]>"
 
 
 def test_plain_functions_are_marked_for_the_thread_pool() -> None:

@@ -1,0 +1,128 @@
+"""Periodic tasks, kept by the broker: workers reconcile what the App declares with the
+schedules stored in each queue's stream, and the server fires every tick exactly once.
+
+A periodic schedule is one message on `<ns>.sched.<queue>.cron.<name>` carrying the task's
+JSON and the headers `Nats-Schedule` (a cron or `@every` expression), `Nats-Schedule-Target`
+(the task subject) and `Tf-Schedule` (its name). Publishing to the subject again replaces
+it; purging the subject removes it. There is no beat process to keep alive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from taskframe import topology, wire
+from taskframe.app import App, Periodic
+from taskframe.cron import Schedule
+from taskframe.publish import publish_stored
+from taskframe.settings import Settings
+
+log = logging.getLogger("taskframe.schedules")
+
+
+def _prefix(namespace: str, queue: str) -> str:
+    return wire.periodic_subject(namespace, queue, "")
+
+
+def _headers(namespace: str, periodic: Periodic) -> dict[str, str]:
+    model = type(periodic.task)
+    target = wire.task_subject(namespace, periodic.queue, model.__tf_name__, model.__tf_priority__)
+    headers = {
+        wire.SCHEDULE: periodic.expression,
+        wire.SCHEDULE_TARGET: target,
+        wire.TASK: model.__tf_name__,
+        wire.SCHEDULE_NAME: periodic.name,
+    }
+    if periodic.time_zone:
+        headers[wire.SCHEDULE_TIME_ZONE] = periodic.time_zone
+    return headers
+
+
+async def reconcile(
+    js: JetStreamContext, settings: Settings, app: App, queues: Iterable[str]
+) -> None:
+    """Make the stored schedules of `queues` match those `app` declares.
+
+    Creates missing schedules, replaces changed ones and removes those no longer declared.
+    Unchanged schedules are left alone, so restarting workers does not shift their ticks.
+    """
+    ns = settings.namespace
+    for queue in queues:
+        stream = topology.queue_stream(ns, queue)
+        prefix = _prefix(ns, queue)
+        info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+        stored = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
+        declared = {p.name: p for p in app.schedules.values() if p.queue == queue}
+        for name in sorted(stored - declared.keys()):
+            await js.purge_stream(stream, subject=prefix + name)
+            log.info("removed schedule %s from queue %s: no longer declared", name, queue)
+        for name, periodic in sorted(declared.items()):
+            headers = _headers(ns, periodic)
+            body = wire.encode(periodic.task)
+            if name in stored:
+                last = await js.get_last_msg(stream, prefix + name)
+                have = last.headers or {}
+                if last.data == body and all(have.get(k) == v for k, v in headers.items()):
+                    continue
+            await publish_stored(js, settings, prefix + name, body, headers)
+            log.info("schedule %s on queue %s set to %s", name, queue, periodic.expression)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSchedule:
+    """A periodic schedule as the broker holds it."""
+
+    namespace: str
+    queue: str
+    name: str
+    task: str
+    expression: str
+    time_zone: str | None
+    stored_at: datetime | None
+    next_fire: datetime | None
+
+
+async def stored_schedules(js: JetStreamContext, namespace: str | None) -> list[StoredSchedule]:
+    """Every periodic schedule on the server (of `namespace`, if given), with its next tick."""
+    found = []
+    now = datetime.now(UTC)
+    for info in await js.streams_info():
+        meta = info.config.metadata or {}
+        ns, queue = meta.get(topology.META_NAMESPACE), meta.get(topology.META_QUEUE)
+        if meta.get(topology.META_KIND) != "queue" or ns is None or queue is None:
+            continue
+        if namespace and ns != namespace:
+            continue
+        prefix = _prefix(ns, queue)
+        details = await js.stream_info(info.config.name or "", subjects_filter=f"{prefix}>")
+        for subject in sorted(details.state.subjects or {}):
+            try:
+                msg = await js.get_last_msg(info.config.name or "", subject)
+            except NotFoundError:  # fired or removed meanwhile
+                continue
+            headers = msg.headers or {}
+            expression = headers.get(wire.SCHEDULE, "")
+            zone = headers.get(wire.SCHEDULE_TIME_ZONE)
+            try:
+                next_fire = Schedule.parse(expression, time_zone=zone).next_after(now, msg.time)
+            except Exception:  # an expression this version cannot evaluate: still list it
+                next_fire = None
+            found.append(
+                StoredSchedule(
+                    ns,
+                    queue,
+                    subject[len(prefix) :],
+                    headers.get(wire.TASK, "?"),
+                    expression,
+                    zone,
+                    msg.time,
+                    next_fire,
+                )
+            )
+    return found

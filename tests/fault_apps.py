@@ -1,0 +1,78 @@
+"""The app that fault and CLI tests run in worker subprocesses (`tests.fault_apps:app`).
+
+The CLI needs a module-level App, so this one is built at import from the environment:
+TEST_NAMESPACE names its namespace, TEST_LEDGER (optional) a file where every handler
+appends `start|done|fail <task_id> <attempt> <pid> <unix time>` lines, so a test can see
+which process ran which delivery of which task.
+"""
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from taskframe import App, Backoff, Context, Task
+
+FAST = Backoff(initial=0.05, maximum=0.2)
+
+
+class Work(Task[str], queue="work"):
+    """Sleeps `seconds`, then returns its task id."""
+
+    seconds: float = 0.0
+
+
+class Fail(Task[None], queue="work"):
+    """Raises on every attempt."""
+
+    note: str = ""
+
+
+class Add(Task[int], queue="work"):
+    a: int
+    b: int
+
+
+class Other(Task[str], queue="other"):
+    """A second queue, for tests that serve or inspect queues separately."""
+
+    seconds: float = 0.0
+
+
+def build_app(namespace: str, ledger: Path | None) -> App:
+    """The app in `namespace`, writing to `ledger` when it is given."""
+    app = App(namespace)
+
+    def note(kind: str, ctx: Context) -> None:
+        if ledger is not None:
+            with ledger.open("a") as f:  # one short O_APPEND write per line: safe across processes
+                f.write(f"{kind} {ctx.task_id} {ctx.attempt} {os.getpid()} {time.time():.6f}\n")
+
+    @app.handle(Work, max_attempts=5, timeout=60.0)
+    async def work(job: Work, ctx: Context) -> str:
+        note("start", ctx)
+        await asyncio.sleep(job.seconds)
+        note("done", ctx)
+        return ctx.task_id
+
+    @app.handle(Fail, max_attempts=3, backoff=FAST)
+    async def fail(job: Fail, ctx: Context) -> None:
+        note("start", ctx)
+        raise RuntimeError(f"fails on purpose (attempt {ctx.attempt})")
+
+    @app.handle(Add)
+    async def add(job: Add, ctx: Context) -> int:
+        return job.a + job.b
+
+    @app.handle(Other, timeout=60.0)
+    async def other(job: Other, ctx: Context) -> str:
+        note("start", ctx)
+        await asyncio.sleep(job.seconds)
+        note("done", ctx)
+        return ctx.task_id
+
+    return app
+
+
+_ledger = os.environ.get("TEST_LEDGER")
+app = build_app(os.environ.get("TEST_NAMESPACE", "faults"), Path(_ledger) if _ledger else None)

@@ -1,0 +1,243 @@
+"""The `taskframe` command, run for real in subprocesses against a real server."""
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from taskframe import App, Client, Context, TaskState
+from taskframe.server import NatsServer
+from taskframe.testing import running_worker
+from taskframe.topology import WORKERS, dead_stream, queue_stream, results_bucket
+from tests.fault_apps import Other, Work
+from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Procs, until, until_async
+
+
+@pytest.fixture
+def procs(tmp_path: Path, namespace: str) -> Iterator[Procs]:
+    with Procs(tmp_path, namespace) as running:
+        yield running
+
+
+def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
+    """The rows of `taskframe queues`, by (namespace, queue)."""
+    lines = output.strip().splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    rows = {}
+    for line in lines[1:]:
+        values = re.split(r"\s{2,}", line.strip())
+        row = dict(zip(header, values, strict=True))
+        rows[row["NAMESPACE"], row["QUEUE"]] = {k: int(v) for k, v in list(row.items())[2:]}
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("command", "mentions"),
+    [
+        ((), ["worker", "server", "enqueue", "queues", "provision"]),
+        (("worker",), ["--concurrency", "--processes", "--grace", "--queue", "--url"]),
+        (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
+        (("server",), ["--port", "--store", "--config", "./nats.conf"]),
+        (("enqueue",), ["--key", "--wait", "--url", "payload"]),
+        (("provision",), ["--url", "app"]),
+        (("queues",), ["--namespace", "--url"]),
+    ],
+    ids=["taskframe", "worker", "worker-url-source", "server", "enqueue", "provision", "queues"],
+)
+async def test_help_of_each_command_exits_0_and_names_its_options(
+    procs: Procs, command: tuple[str, ...], mentions: list[str]
+) -> None:
+    result = await procs.run(CONSOLE_SCRIPT, *command, "--help", COLUMNS="200")
+    assert result.returncode == 0, result.stderr
+    for word in mentions:
+        assert word in result.stdout
+
+
+async def test_enqueue_prints_the_id_and_with_wait_the_result(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    procs.worker(nats_server.url)
+    result = await procs.run(
+        CONSOLE_SCRIPT, "enqueue", APP, "Add", '{"a":1,"b":2}', "--url", nats_server.url,
+        "--wait", "10",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    task_id, value = result.stdout.splitlines()
+    assert str(uuid.UUID(task_id)) == task_id
+    assert value == "3"
+    status = await client.status(task_id)
+    assert status is not None
+    assert (status.state, status.result) == (TaskState.SUCCEEDED, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("Add", "{not json"), 2, "invalid Add"),
+        (("Add", '{"a": 1}'), 2, "Field required"),
+        (("Nope", "{}"), 2, "has no task 'Nope'"),
+        (("Add", '{"a": 1, "b": 2}'), 1, "cannot reach NATS"),
+    ],
+    ids=["bad-json", "missing-field", "unknown-task", "no-server"],
+)
+async def test_enqueue_refuses_bad_input_with_a_clear_error(
+    procs: Procs, args: tuple[str, str], code: int, message: str
+) -> None:
+    nowhere = "nats://127.0.0.1:1"
+    result = await procs.run(*TASKFRAME, "enqueue", APP, *args, "--url", nowhere, COLUMNS="200")
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+async def test_an_app_that_cannot_be_loaded_is_a_clear_error(procs: Procs) -> None:
+    result = await procs.run(*TASKFRAME, "provision", "tests.no_such_module:app", COLUMNS="200")
+    assert result.returncode == 2
+    assert "cannot load tests.no_such_module:app" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_queues_shows_waiting_in_flight_and_dead_counts(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    ns = client.namespace
+    await client.enqueue_many(Work() for _ in range(3))  # queue "work" has no worker
+
+    app = App(ns)
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.handle(Other)
+    async def hold(job: Other, ctx: Context) -> str:
+        holding.set()
+        await release.wait()
+        return ctx.task_id
+
+    async with running_worker(app, client, queues=["other"]):
+        raw = await nats.connect(nats_server.url)
+        try:
+            await raw.publish(f"{ns}.tasks.other.Other", b"garbage")
+            await raw.flush()
+        finally:
+            await raw.close()
+        held = await client.enqueue(Other())
+        await asyncio.wait_for(holding.wait(), 10)
+
+        async def one_dead() -> bool:
+            return (await client.js.stream_info(dead_stream(ns))).state.messages == 1
+
+        await until_async(one_dead, "the garbage to be dead-lettered")
+        result = await procs.run(*TASKFRAME, "queues", "--namespace", ns, "--url", nats_server.url)
+        release.set()
+        assert await held.result(timeout=10) == held.id
+
+    assert result.returncode == 0, result.stderr
+    rows = table(result.stdout)
+    assert rows == {
+        (ns, "other"): {"WAITING": 0, "IN FLIGHT": 1, "REDELIVERED": 0, "DEAD": 1},
+        (ns, "work"): {"WAITING": 3, "IN FLIGHT": 0, "REDELIVERED": 0, "DEAD": 0},
+    }
+
+
+async def test_queues_of_an_empty_namespace_says_so(nats_server: NatsServer, procs: Procs) -> None:
+    result = await procs.run(
+        *TASKFRAME, "queues", "--namespace", "nothing_here", "--url", nats_server.url
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no taskframe queues" in result.stdout
+
+
+async def test_provision_creates_streams_and_consumers_and_can_run_again(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    ns = client.namespace
+    for _ in range(2):
+        result = await procs.run(
+            *TASKFRAME, "provision", APP, "--url", nats_server.url, ack_wait=1.0
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"provisioned namespace {ns}" in result.stdout
+    for queue in ("other", "work"):
+        stream = queue_stream(ns, queue)
+        info = await client.js.stream_info(stream)
+        assert info.config.retention == "workqueue"
+        assert f"{ns}.tasks.{queue}.>" in (info.config.subjects or [])
+        consumer = await client.js.consumer_info(stream, WORKERS)
+        assert consumer.config.ack_wait == 1.0
+    assert (await client.js.stream_info(dead_stream(ns))).config.retention == "limits"
+    assert (await client.js.stream_info(f"KV_{results_bucket(ns)}")).config.max_msgs_per_subject
+
+
+async def test_server_command_serves_until_sigint_then_exits_0(
+    tmp_path: Path, procs: Procs
+) -> None:
+    server = procs.spawn(
+        CONSOLE_SCRIPT, "server", "--port", "-1", "--store", str(tmp_path / "store")
+    )
+    try:
+        await server.wait_log(r"listening on nats://127\.0\.0\.1:\d+")
+        match = re.search(r"listening on (nats://127\.0\.0\.1:(\d+))", server.text())
+        assert match is not None
+        url, port = match.group(1), int(match.group(2))
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+            account = await nc.jetstream().account_info()
+            assert account.limits is not None  # JetStream is on
+        finally:
+            await nc.close()
+        server.signal(signal.SIGINT)
+        assert await server.wait_exit() == 0
+    finally:
+        if server.alive:  # the CLI stops its nats-server itself; SIGKILL would orphan it
+            server.signal(signal.SIGINT)
+            await server.wait_exit()
+    assert "nats-server stopped." in server.text()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert (tmp_path / "store" / "jetstream").is_dir()
+
+
+async def test_worker_processes_share_the_work_are_restarted_and_stop_on_sigterm(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    supervisor = procs.spawn(
+        *TASKFRAME, "worker", APP, "--url", nats_server.url, "--processes", "2",
+        "--concurrency", "2", "--grace", "5",
+    )  # fmt: skip
+    await supervisor.wait_log("worker ready", count=2)
+    runs = await client.enqueue_many(Work(seconds=0.3) for _ in range(8))
+    assert [await r.result(timeout=15) for r in runs] == [r.id for r in runs]
+    children = procs.ledger.pids()
+    assert len(children) == 2
+    assert supervisor.pid not in children
+
+    victim = min(children)
+    os.kill(victim, signal.SIGKILL)
+    await supervisor.wait_log(rf"worker process {victim} exited with -9; restarting")
+    await supervisor.wait_log("worker ready", count=3)
+    more = await client.enqueue_many(Work(seconds=0.3) for _ in range(8))
+    assert [await r.result(timeout=15) for r in more] == [r.id for r in more]
+    survivors = {e.pid for e in procs.ledger.entries("done") if e.task_id in {r.id for r in more}}
+    assert victim not in survivors
+    assert len(survivors) == 2
+
+    supervisor.signal(signal.SIGTERM)
+    assert await supervisor.wait_exit(timeout=15) == 0
+    assert supervisor.text().count("worker stopped") == 2
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await until(lambda: all(gone(pid) for pid in survivors | children), "every child to exit")
