@@ -226,12 +226,11 @@ class Client:
         if lane is not None:
             check_token("priority", lane)
         subject = wire.task_subject(self.namespace, queue, name, lane)
-        headers = wire.task_headers(task_id, name, key or task_id)
-        if lane is not None:
-            headers[wire.PRIORITY] = lane
+        headers = wire.task_headers(task_id, key or task_id)
         if run_at is not None:
             # The server stores the schedule and enqueues the task itself when it is due;
             # custom headers are copied onto the task, Nats-Msg-Id (for dedupe) is not.
+            headers[wire.ID] = task_id
             headers[wire.SCHEDULE] = f"@at {wire.rfc3339(run_at)}"
             headers[wire.SCHEDULE_TARGET] = subject
             subject = wire.once_subject(self.namespace, queue, task_id)
@@ -299,7 +298,7 @@ class Client:
         name = type(event).__tf_name__
         event_id = wire.new_task_id()
         subject = wire.event_subject(self.namespace, name)
-        headers = {wire.MSG_ID: event_id, wire.ID: event_id, wire.EVENT: name}
+        headers = {wire.MSG_ID: event_id}
         body = wire.encode(event)
         check_size(subject, body, headers, self.nc.max_payload)
         try:

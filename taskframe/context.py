@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from taskframe.models import Event, Task
 
 R = TypeVar("R")
+_TASK_LOG = logging.getLogger("taskframe.task")
 
 
 class Context:
@@ -19,8 +20,8 @@ class Context:
     __slots__ = (
         "_client",
         "_heartbeat",
+        "_log",
         "attempt",
-        "log",
         "max_attempts",
         "queue",
         "task",
@@ -46,12 +47,18 @@ class Context:
         self.attempt = attempt
         """This attempt's number, 1 for the first delivery."""
         self.max_attempts = max_attempts
-        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(
-            logging.getLogger("taskframe.task"), {"task_id": task_id, "task": task}
-        )
-        """A logger whose records carry `task_id` and `task`."""
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._client = client
         self._heartbeat = heartbeat
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry `task_id` and `task` (made on first use)."""
+        if self._log is None:
+            self._log = logging.LoggerAdapter(
+                _TASK_LOG, {"task_id": self.task_id, "task": self.task}
+            )
+        return self._log
 
     def __repr__(self) -> str:
         return f"<Context {self.task} id={self.task_id} attempt={self.attempt}/{self.max_attempts}>"

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import signal
 import time
 import traceback
@@ -42,6 +43,8 @@ from taskframe.ratelimit import RateLimit, RateLimiter
 from taskframe.results import ErrorInfo, TaskState, status_record
 
 log = logging.getLogger("taskframe.worker")
+
+_TIMEOUT_TICK = 0.1  # how often handler timeouts are checked
 
 
 @dataclass(slots=True)
@@ -94,7 +97,7 @@ class _Pool:
 
     name: str
     credit: Credit
-    buffer: asyncio.PriorityQueue[tuple[int, int, Msg, Route]] = field(
+    buffer: asyncio.Queue[tuple[int, int, Msg, Route]] = field(
         default_factory=asyncio.PriorityQueue
     )
     feeds: list[Feed] = field(default_factory=list)
@@ -157,6 +160,8 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._awake = time.monotonic()  # when the lease keeper last ran
+        self._deadlines: dict[asyncio.Task[Any], float] = {}  # running handlers' timeouts
+        self._expired: set[asyncio.Task[Any]] = set()
         self.ready = asyncio.Event()
         """Set once the worker has provisioned its streams and is pulling."""
         self.progress = asyncio.Event()
@@ -187,6 +192,7 @@ class Worker:
                 for pool_routes in routes:
                     await self._start_pool(group, pool_routes)
                 group.create_task(self._keep_leases(), name="taskframe-leases")
+                group.create_task(self._enforce_timeouts(), name="taskframe-timeouts")
                 self.client.reconnect_listeners.append(self._on_reconnect)
                 self.ready.set()
                 log.info(
@@ -247,6 +253,8 @@ class Worker:
     async def _start_pool(self, group: asyncio.TaskGroup, routes: list[Route]) -> None:
         first = routes[0]
         pool = _Pool(first.label, Credit(self.concurrency + self.prefetch))
+        if len(routes) == 1:  # one lane: first in, first out, without a heap
+            pool.buffer = asyncio.Queue()
         if first.queue and (limit := self.app.options(first.queue).rate_limit):
             pool.limiter = RateLimiter(
                 self.client.js, self._settings, first.queue, RateLimit.parse(limit)
@@ -406,15 +414,14 @@ class Worker:
 
     async def _process(self, pool: _Pool, route: Route, lease: Lease) -> None:
         msg = lease.msg
-        meta = msg.metadata
-        attempt = meta.num_delivered
-        headers = msg.headers or {}
+        attempt, seq = wire.delivery(msg.reply)
+        headers = msg.headers
         if route.queue:
             name = wire.task_name_of(msg.subject, headers)
-            task_id = headers.get(wire.ID) or f"{route.queue}-{meta.sequence.stream}"
+            task_id = wire.message_id(headers, f"{route.queue}-{seq}")
         else:
             name = wire.event_name_of(msg.subject, headers)
-            task_id = headers.get(wire.ID) or f"event-{meta.sequence.stream}"
+            task_id = wire.message_id(headers, f"event-{seq}")
         handler = route.handlers.get(name)
         if handler is None:
             error = ErrorInfo(
@@ -472,16 +479,11 @@ class Worker:
         )
         if keeps:
             await self._record(task_id, status_record(task_id, name, TaskState.RUNNING, attempt))
+        result_json = b"null"
         try:
-            async with asyncio.timeout(handler.timeout):
-                if handler.is_async:
-                    value = await handler.fn(task, ctx)
-                else:
-                    loop = asyncio.get_running_loop()
-                    value = await loop.run_in_executor(
-                        self._threads, functools.partial(handler.fn, task, ctx)
-                    )
-            result_json = handler.result.dump_json(handler.result.validate_python(value))
+            value = await self._call(handler, task, ctx)
+            if keeps:  # validated only where it is stored: a fire-and-forget result goes nowhere
+                result_json = handler.result.dump_json(handler.result.validate_python(value))
         except asyncio.CancelledError:
             await self._release(lease)
             await self._settle(lease, "nak")  # shutting down: hand the task back at once
@@ -504,12 +506,53 @@ class Worker:
             return
         if keeps:
             record = status_record(
-                task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
+                task_id,
+                name,
+                TaskState.SUCCEEDED,
+                attempt,
+                result_json=result_json,
             )
             subject = topology.result_subject(ns, task_id)
             await publish_stored(self.client.js, self._settings, subject, record)
         if await self._settle(lease, "ack"):
             self.stats.succeeded += 1
+
+    async def _call(self, handler: Handler[Any], task: Any, ctx: Context) -> Any:
+        """Run the handler under its timeout.
+
+        The timeout is enforced by one watchdog for all runners (`_enforce_timeouts`), which
+        costs a dict entry per task instead of a timer per task; it fires within 0.1 s.
+        """
+        runner = asyncio.current_task()
+        assert runner is not None
+        self._deadlines[runner] = (
+            time.monotonic() + handler.timeout if handler.timeout is not None else math.inf
+        )
+        try:
+            if handler.is_async:
+                return await handler.fn(task, ctx)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._threads, functools.partial(handler.fn, task, ctx)
+            )
+        except asyncio.CancelledError:
+            if runner not in self._expired:
+                raise
+        finally:
+            del self._deadlines[runner]
+            if runner in self._expired:  # timed out, whether or not the handler let it show
+                self._expired.discard(runner)
+                runner.uncancel()
+        raise _AttemptTimeout(f"attempt exceeded its timeout of {handler.timeout}s")
+
+    async def _enforce_timeouts(self) -> None:
+        while True:
+            await asyncio.sleep(_TIMEOUT_TICK)
+            now = time.monotonic()
+            for runner, deadline in list(self._deadlines.items()):
+                if now >= deadline and runner not in self._expired:
+                    self._expired.add(runner)
+                    runner.cancel()
 
     async def _release(self, lease: Lease) -> None:
         if lease.claim is not None and self._claims is not None:
@@ -524,10 +567,8 @@ class Worker:
         lease: Lease,
         exc: Exception,
     ) -> None:
-        if isinstance(exc, TimeoutError) and not isinstance(exc, TaskframeError):
-            error = ErrorInfo(
-                type="TimeoutError", message=f"attempt exceeded its timeout of {handler.timeout}s"
-            )
+        if isinstance(exc, _AttemptTimeout):
+            error = ErrorInfo(type="TimeoutError", message=str(exc))
         else:
             error = ErrorInfo(
                 type=type(exc).__qualname__,
@@ -575,7 +616,7 @@ class Worker:
         headers = {k: v for k, v in (msg.headers or {}).items() if k != wire.MSG_ID}
         headers.update(
             {
-                wire.MSG_ID: f"{task_id}:{msg.metadata.sequence.stream}:{attempt}",
+                wire.MSG_ID: f"{task_id}:{wire.delivery(msg.reply)[1]}:{attempt}",
                 wire.ID: task_id,
                 wire.DEAD_REASON: reason,
                 wire.ERROR_TYPE: wire.one_line(error.type),
@@ -653,6 +694,10 @@ class Worker:
             for feed in pool.feeds:
                 await feed.close()
         await self.client.nc.flush()
+
+
+class _AttemptTimeout(TimeoutError):
+    """The handler ran past its timeout and was cancelled."""
 
 
 class _Stopped(Exception):
