@@ -166,7 +166,7 @@ class Client:
                 max_reconnect_attempts=_CONNECT_ATTEMPTS,
                 reconnect_time_wait=1,
                 connect_timeout=5,
-                ping_interval=10,
+                ping_interval=self.settings.ping_interval,  # type: ignore[arg-type]
                 max_outstanding_pings=3,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,

@@ -50,6 +50,9 @@ class Settings(BaseModel):
     """Seconds a dead letter is kept."""
     claim_ttl: float = Field(default=7 * 86_400.0, gt=0)
     """Seconds an exactly-once task's completion is remembered (it never runs again)."""
+    ping_interval: float = Field(default=10.0, gt=0)
+    """Seconds between the client's pings; three unanswered pings mark the server dead and
+    start a failover, so a stalled server is left after about three intervals."""
     publish_timeout: float = Field(default=5.0, gt=0)
     """Seconds to wait for the server to confirm one stored message before retrying it."""
     publish_attempts: int = Field(default=4, ge=1)
