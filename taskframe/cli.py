@@ -22,6 +22,8 @@ import typer
 from taskframe import topology
 from taskframe.app import App
 from taskframe.client import Client, connect
+from taskframe.deadletters import dead_letters
+from taskframe.deadletters import replay as replay_letter
 from taskframe.errors import TaskframeError
 from taskframe.schedules import stored_schedules
 from taskframe.server import NatsServer, default_config
@@ -293,6 +295,45 @@ async def _queue_rows(client: Client, only: str | None) -> list[QueueRow]:
         waiting = max(0, info.state.messages - in_flight)
         rows.append((ns, queue, waiting, in_flight, redelivered, dead))
     return sorted(rows)
+
+
+@cli.command()
+def dead(
+    namespace: Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")],
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")] = 50,
+    replay: Annotated[
+        bool, typer.Option("--replay", help="Enqueue them again (attempt 1) and delete them.")
+    ] = False,
+    url: Url = None,
+) -> None:
+    """List dead letters with their reason and error, or replay them onto their queue."""
+
+    async def main() -> None:
+        async with connect(url, namespace=namespace) as client:
+            letters = await dead_letters(client.js, namespace, queue=queue, limit=limit)
+            for letter in letters:
+                if replay:
+                    await replay_letter(client.js, client.settings, letter)
+            rows = [
+                (
+                    str(d.seq),
+                    d.original_subject.split(".")[2] if d.original_subject.count(".") > 2 else "?",
+                    d.subject.rsplit(".", 1)[-1],
+                    d.task_id,
+                    d.reason,
+                    str(d.attempts),
+                    f"{d.error_type}: {d.error}"[:80],
+                )
+                for d in letters
+            ]
+        _table(("SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"), rows)
+        if replay:
+            typer.echo(f"replayed {len(letters)} task(s)")
+        elif not rows:
+            typer.echo("(no dead letters)")
+
+    _run(main())
 
 
 @cli.command("schedules")

@@ -1,0 +1,104 @@
+"""Reading and replaying dead letters: the tasks that ended in the dead-letter stream."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from taskframe import topology, wire
+from taskframe.publish import publish_stored
+from taskframe.settings import Settings
+
+_DEAD_HEADERS = {
+    wire.DEAD_REASON,
+    wire.ERROR_TYPE,
+    wire.ERROR,
+    wire.TRACEBACK,
+    wire.ATTEMPTS,
+    wire.ORIGINAL_SUBJECT,
+    wire.DIED_AT,
+    wire.MSG_ID,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead letter, as stored."""
+
+    seq: int
+    subject: str
+    task_id: str
+    reason: str
+    error_type: str
+    error: str
+    attempts: int
+    original_subject: str
+    died_at: str
+    body: bytes
+    headers: dict[str, str]
+    stored_at: datetime | None
+
+    @property
+    def traceback(self) -> str | None:
+        """The handler's traceback (its last 4 KiB), when there is one."""
+        raw = self.headers.get(wire.TRACEBACK)
+        return json.loads(raw) if raw else None
+
+
+async def dead_letters(
+    js: JetStreamContext, namespace: str, *, queue: str | None = None, limit: int = 100
+) -> list[DeadLetter]:
+    """The oldest `limit` dead letters of `namespace` (of one `queue`, if given)."""
+    stream = topology.dead_stream(namespace)
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        return []
+    prefix = f"{namespace}.dead.{queue}." if queue else ""
+    found: list[DeadLetter] = []
+    seq = info.state.first_seq
+    while seq <= info.state.last_seq and len(found) < limit:
+        try:
+            msg = await js.get_msg(stream, seq)
+        except NotFoundError:  # deleted (replayed) meanwhile
+            seq += 1
+            continue
+        seq += 1
+        subject = msg.subject or ""
+        if prefix and not subject.startswith(prefix):
+            continue
+        headers = msg.headers or {}
+        found.append(
+            DeadLetter(
+                seq=msg.seq or 0,
+                subject=subject,
+                task_id=headers.get(wire.ID, ""),
+                reason=headers.get(wire.DEAD_REASON, ""),
+                error_type=headers.get(wire.ERROR_TYPE, ""),
+                error=headers.get(wire.ERROR, ""),
+                attempts=int(headers.get(wire.ATTEMPTS, "0") or 0),
+                original_subject=headers.get(wire.ORIGINAL_SUBJECT, ""),
+                died_at=headers.get(wire.DIED_AT, ""),
+                body=msg.data or b"",
+                headers=headers,
+                stored_at=msg.time,
+            )
+        )
+    return found
+
+
+async def replay(js: JetStreamContext, settings: Settings, letter: DeadLetter) -> None:
+    """Enqueue a dead letter again on its original subject, then delete it.
+
+    The task keeps its id (so its status and claim follow it) and starts again at attempt 1.
+    It is enqueued before it is deleted: a crash in between leaves a copy, never nothing.
+    """
+    headers = {k: v for k, v in letter.headers.items() if k not in _DEAD_HEADERS}
+    headers[wire.ID] = letter.task_id
+    headers[wire.MSG_ID] = f"{letter.task_id}:replay:{letter.seq}"
+    await publish_stored(js, settings, letter.original_subject, letter.body, headers)
+    await js.delete_msg(topology.dead_stream(settings.namespace), letter.seq)
