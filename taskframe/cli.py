@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +22,7 @@ import typer
 from taskframe import topology
 from taskframe.app import App
 from taskframe.client import Client, connect
+from taskframe.cluster import NatsCluster, fixed_specs, free_specs
 from taskframe.deadletters import dead_letters
 from taskframe.deadletters import replay as replay_letter
 from taskframe.errors import TaskframeError
@@ -174,8 +175,20 @@ def server(
         Path | None,
         typer.Option(help="nats.conf to load.", show_default="./nats.conf, else the bundled one"),
     ] = None,
+    cluster: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Start a local cluster of N nodes instead (n1..nN on client ports PORT.., "
+            "route ports 6222.., monitoring 8222..; stores in STORE/../cluster/nI); "
+            "use with TASKFRAME_REPLICAS=3.",
+        ),
+    ] = None,
 ) -> None:
     """Run the bundled nats-server with JetStream for local development, until Ctrl-C."""
+    if cluster is not None:
+        _serve_cluster(cluster, port, store)
+        return
     conf = config or default_config()
     nats = NatsServer(port=port, store_dir=store, config=conf)
     try:
@@ -185,6 +198,32 @@ def server(
         raise typer.Exit(1) from exc
     typer.echo(f"nats-server listening on {nats.url}  (store: {store}, config: {conf or 'none'})")
     typer.echo("Ctrl-C to stop.")
+    _serve_until_signal(lambda: nats.running)
+    nats.stop()
+    typer.echo("nats-server stopped.")
+
+
+def _serve_cluster(size: int, port: int, store: Path) -> None:
+    # The default store is .taskframe/nats; the cluster's nodes go next to it, in
+    # .taskframe/cluster/n1.., so a single server's store is never mixed with a node's.
+    root = store.parent / "cluster"
+    specs = free_specs(size) if port == -1 else fixed_specs(size, (port, 6222, 8222))
+    nodes = NatsCluster(size, root=root, specs=specs)
+    try:
+        nodes.start()
+    except TaskframeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    for spec, node in zip(nodes.specs, nodes.nodes, strict=True):
+        typer.echo(f"{spec.name} listening on {node.url}  (store: {node.store_dir})")
+    typer.echo(f"cluster of {size} ready; clients use --url {nodes.urls}")
+    typer.echo("Ctrl-C to stop.")
+    _serve_until_signal(lambda: any(node.running for node in nodes.nodes))
+    nodes.stop()
+    typer.echo("cluster stopped.")
+
+
+def _serve_until_signal(alive: Callable[[], bool]) -> None:
     stop = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -193,10 +232,8 @@ def server(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop and nats.running:
+    while not stop and alive():
         time.sleep(0.2)
-    nats.stop()
-    typer.echo("nats-server stopped.")
 
 
 @cli.command()
@@ -314,7 +351,7 @@ def dead(
             letters = await dead_letters(client.js, namespace, queue=queue, limit=limit)
             for letter in letters:
                 if replay:
-                    await replay_letter(client.js, client.settings, letter)
+                    await replay_letter(client, letter)
             rows = [
                 (
                     str(d.seq),

@@ -19,7 +19,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import TypeAdapter
 
@@ -27,12 +27,21 @@ from taskframe import topology, wire
 from taskframe.errors import (
     ConfigError,
     ConnectError,
+    PermissionDeniedError,
     PublishError,
     ResultTimeoutError,
     TaskFailed,
 )
 from taskframe.models import Event, Task, check_token, result_adapter
-from taskframe.publish import StreamMissingError, check_size, publish_stored
+from taskframe.permissions import Connection, refusal
+from taskframe.publish import (
+    TRANSIENT,
+    Ack,
+    StreamMissingError,
+    check_size,
+    publish_stored,
+    publisher,
+)
 from taskframe.results import TaskState, TaskStatus, parse_record
 from taskframe.settings import Settings
 
@@ -139,10 +148,21 @@ class Client:
         return self._js
 
     async def open(self) -> Self:
-        """Connect to NATS. Reconnects forever after a lost connection."""
-        nc = NATS()
+        """Connect to NATS. Reconnects forever after a lost connection.
+
+        Raises `ConnectError` if no server answers or one refuses the login or TLS, and
+        `PermissionDeniedError` if the user may not receive replies on its inbox prefix.
+        """
+        options = self.settings.connect_options()
+        nc = Connection(options.get("inbox_prefix"))
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
+            if nc.denials.record(exc):
+                return
+            reason = refusal(exc) if not nc.is_connected else None
+            if reason is not None and not refused.done():
+                refused.set_result(reason)
             log.warning("nats error: %r", exc)
 
         async def on_disconnect() -> None:
@@ -150,17 +170,15 @@ class Client:
                 log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
-            log.info(
-                "reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?"
-            )
+            url = nc.connected_url
+            # Not `netloc`: it carries the user and password of a URL with credentials.
+            if url is not None:
+                log.info("reconnected to NATS at %s:%s", url.hostname, url.port)
             for listener in list(self.reconnect_listeners):
                 await listener()
 
-        options: dict[str, Any] = {}
-        if self.settings.creds:
-            options["user_credentials"] = self.settings.creds
-        try:
-            await nc.connect(
+        connecting = asyncio.ensure_future(
+            nc.connect(
                 servers=self.settings.servers,
                 name=f"taskframe:{self.namespace}",
                 max_reconnect_attempts=_CONNECT_ATTEMPTS,
@@ -173,15 +191,35 @@ class Client:
                 reconnected_cb=on_reconnect,
                 **options,
             )
-        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+        )
+        # A refused login or certificate will not succeed on the next try: say so at once
+        # rather than after every attempt (nats-py even hangs on some TLS failures).
+        either: set[asyncio.Future[Any]] = {connecting, refused}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if refused.done() and not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await nc.close()
             raise ConnectError(
-                f"cannot reach NATS at {self._safe_url()}: {exc!r} "
+                f"NATS at {self._safe_url()} refused the connection: {refused.result()}"
+            )
+        try:
+            connecting.result()
+        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            reason = f": {refused.result()}" if refused.done() else ""
+            raise ConnectError(
+                f"cannot reach NATS at {self._safe_url()}: {exc!r}{reason} "
                 "(is a server running? `taskframe server` starts one)"
             ) from exc
         # Only the first connection gives up; once connected, reconnect forever (nats-py's
         # default would give up after 60 tries and leave a worker idle for good).
         nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
+        try:
+            await nc.check_inbox()
+        except PermissionDeniedError:
+            await self.close()
+            raise
         self._js = nc.jetstream(timeout=self.settings.publish_timeout)
         return self
 
@@ -254,10 +292,10 @@ class Client:
     ) -> bool:
         """Store one task message; True if the server reported it a duplicate."""
         try:
-            ack = await publish_stored(self.js, self.settings, subject, body, headers)
+            ack = await publish_stored(self.nc, self.settings, subject, body, headers)
         except StreamMissingError:
             await topology.ensure_queue(self.js, self.settings, queue)
-            ack = await publish_stored(self.js, self.settings, subject, body, headers)
+            ack = await publish_stored(self.nc, self.settings, subject, body, headers)
         return bool(ack.duplicate)
 
     async def enqueue(
@@ -302,10 +340,10 @@ class Client:
         body = wire.encode(event)
         check_size(subject, body, headers, self.nc.max_payload)
         try:
-            await publish_stored(self.js, self.settings, subject, body, headers)
+            await publish_stored(self.nc, self.settings, subject, body, headers)
         except StreamMissingError:
             await topology.ensure_stream(self.js, topology.events_config(self.settings))
-            await publish_stored(self.js, self.settings, subject, body, headers)
+            await publish_stored(self.nc, self.settings, subject, body, headers)
         return event_id
 
     async def enqueue_many(
@@ -319,29 +357,28 @@ class Client:
         """
         batch = list(tasks)
         prepared = [self._prepare(t, None, priority) for t in batch]
-        for queue in {type(t).__tf_queue__ for t in batch}:
-            if queue not in self._known_queues:
+        for queue in {type(t).__tf_queue__ for t in batch} - self._known_queues:
+            # Once per queue and client: a batch sent to a missing stream would all come back.
+            await topology.ensure_queue(self.js, self.settings, queue)
+            self._known_queues.add(queue)
+        sender = publisher(self.nc)
+        waiting = list(range(len(batch)))
+        for round_ in range(self.settings.publish_attempts):
+            futures = [await sender.send(*prepared[i][:3]) for i in waiting]
+            if futures:
+                await asyncio.wait(futures, timeout=self.settings.publish_timeout)
+            waiting, missing = _unconfirmed(batch, waiting, futures)
+            if not waiting:
+                break
+            for queue in sorted(missing):  # first use of a queue: create its stream
                 await topology.ensure_queue(self.js, self.settings, queue)
-                self._known_queues.add(queue)
-        futures = [
-            await self.js.publish_async(subject, body, headers=headers)
-            for subject, body, headers, _ in prepared
-        ]
-        if futures:
-            await asyncio.wait(futures, timeout=self.settings.publish_timeout)
-        failed: list[int] = []
-        for index, future in enumerate(futures):
-            if not future.done() or future.exception() is not None:
-                future.cancel()
-                try:
-                    subject, body, headers, _ = prepared[index]
-                    await self._publish(type(batch[index]).__tf_queue__, subject, body, headers)
-                except PublishError:
-                    failed.append(index)
-        if failed:
+            if not missing:
+                await asyncio.sleep(min(2.0, 0.1 * 2**round_))
+        if waiting:
             raise PublishError(
-                f"{len(failed)} of {len(batch)} tasks were not stored: "
-                f"ids {[prepared[i][3] for i in failed[:10]]}"
+                f"{len(waiting)} of {len(batch)} tasks were not confirmed stored: "
+                f"ids {[prepared[i][3] for i in waiting[:10]]} (enqueue them again: their "
+                "ids make a resend safe within the duplicate window)"
             )
         return [self._run(t, p[3], False) for t, p in zip(batch, prepared, strict=True)]
 
@@ -401,6 +438,24 @@ class Client:
             self._adapter(model),
             keeps_result=model.__tf_results__,
         )
+
+
+def _unconfirmed(
+    batch: list[Task[Any]], sent: list[int], futures: list[asyncio.Future[Ack]]
+) -> tuple[list[int], set[str]]:
+    """Which of `sent` were not confirmed, and which queues had no stream."""
+    unconfirmed, missing = [], set()
+    for index, future in zip(sent, futures, strict=True):
+        if not future.done():
+            future.cancel()
+            unconfirmed.append(index)
+        elif (error := future.exception()) is not None:
+            if isinstance(error, NoStreamResponseError):
+                missing.add(type(batch[index]).__tf_queue__)
+            elif not isinstance(error, TRANSIENT):
+                raise PublishError(f"server refused a task: {error}") from error
+            unconfirmed.append(index)
+    return unconfirmed, missing
 
 
 def _due(delay: float | None, at: datetime | None) -> datetime | None:

@@ -10,8 +10,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from taskframe import topology, wire
+from taskframe.client import Client
 from taskframe.publish import publish_stored
-from taskframe.settings import Settings
 
 _DEAD_HEADERS = {
     wire.DEAD_REASON,
@@ -91,7 +91,7 @@ async def dead_letters(
     return found
 
 
-async def replay(js: JetStreamContext, settings: Settings, letter: DeadLetter) -> None:
+async def replay(client: Client, letter: DeadLetter) -> None:
     """Enqueue a dead letter again on its original subject, then delete it.
 
     The task keeps its id (so its status and claim follow it) and starts again at attempt 1.
@@ -100,5 +100,5 @@ async def replay(js: JetStreamContext, settings: Settings, letter: DeadLetter) -
     headers = {k: v for k, v in letter.headers.items() if k not in _DEAD_HEADERS}
     headers[wire.ID] = letter.task_id
     headers[wire.MSG_ID] = f"{letter.task_id}:replay:{letter.seq}"
-    await publish_stored(js, settings, letter.original_subject, letter.body, headers)
-    await js.delete_msg(topology.dead_stream(settings.namespace), letter.seq)
+    await publish_stored(client.nc, client.settings, letter.original_subject, letter.body, headers)
+    await client.js.delete_msg(topology.dead_stream(client.namespace), letter.seq)

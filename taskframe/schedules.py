@@ -19,9 +19,9 @@ from nats.js.errors import NotFoundError
 
 from taskframe import topology, wire
 from taskframe.app import App, Periodic
+from taskframe.client import Client
 from taskframe.cron import Schedule
 from taskframe.publish import publish_stored
-from taskframe.settings import Settings
 
 log = logging.getLogger("taskframe.schedules")
 
@@ -44,15 +44,13 @@ def _headers(namespace: str, periodic: Periodic) -> dict[str, str]:
     return headers
 
 
-async def reconcile(
-    js: JetStreamContext, settings: Settings, app: App, queues: Iterable[str]
-) -> None:
+async def reconcile(client: Client, app: App, queues: Iterable[str]) -> None:
     """Make the stored schedules of `queues` match those `app` declares.
 
     Creates missing schedules, replaces changed ones and removes those no longer declared.
     Unchanged schedules are left alone, so restarting workers does not shift their ticks.
     """
-    ns = settings.namespace
+    js, ns = client.js, client.namespace
     for queue in queues:
         stream = topology.queue_stream(ns, queue)
         prefix = _prefix(ns, queue)
@@ -70,7 +68,7 @@ async def reconcile(
                 have = last.headers or {}
                 if last.data == body and all(have.get(k) == v for k, v in headers.items()):
                     continue
-            await publish_stored(js, settings, prefix + name, body, headers)
+            await publish_stored(client.nc, client.settings, prefix + name, body, headers)
             log.info("schedule %s on queue %s set to %s", name, queue, periodic.expression)
 
 

@@ -11,9 +11,11 @@ Durability, in the words our guarantees page uses:
 from __future__ import annotations
 
 import os
+import ssl
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from taskframe.errors import ConfigError
 from taskframe.models import check_token
@@ -36,6 +38,20 @@ class Settings(BaseModel):
     """Prefix of every subject, stream and bucket taskframe creates."""
     creds: str | None = None
     """Path to a NATS credentials (.creds) file."""
+    user: str | None = None
+    """User name to log in with (instead of credentials in the URL)."""
+    password: SecretStr | None = None
+    """Password of `user`; shown as ********** in reprs."""
+    token: SecretStr | None = None
+    """Authentication token, for servers configured with one."""
+    tls_ca: str | None = None
+    """Path to the CA certificate(s) that signed the server's certificate; turns TLS on."""
+    tls_cert: str | None = None
+    """Path to this client's certificate, for servers that require one (mutual TLS)."""
+    tls_key: str | None = None
+    """Path to the private key of `tls_cert`."""
+    inbox_prefix: str | None = None
+    """Subject prefix of this client's reply inboxes (e.g. `_INBOX_worker`); default `_INBOX`."""
     storage: Literal["file", "memory"] = "file"
     """Where streams keep messages: on disk (survives a restart) or in memory."""
     replicas: int = Field(default=1, ge=1, le=5)
@@ -78,3 +94,44 @@ class Settings(BaseModel):
     def servers(self) -> list[str]:
         """The URLs in `url`, split on commas."""
         return [u.strip() for u in self.url.split(",") if u.strip()]
+
+    @property
+    def safe_url(self) -> str:
+        """`url` without any credentials it carries, for logs and reprs."""
+        return ",".join(_without_credentials(u) for u in self.servers)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # A URL may carry a password; SecretStr already hides `password` and `token`.
+        for name, value in super().__repr_args__():
+            yield name, self.safe_url if name == "url" else value
+
+    def connect_options(self) -> dict[str, Any]:
+        """The authentication, TLS and inbox options of nats-py's `connect()`."""
+        options: dict[str, Any] = {}
+        if self.creds:
+            options["user_credentials"] = self.creds
+        if self.user:
+            options["user"] = self.user
+        if self.password is not None:
+            options["password"] = self.password.get_secret_value()
+        if self.token is not None:
+            options["token"] = self.token.get_secret_value()
+        if self.tls_ca or self.tls_cert:
+            options["tls"] = self._tls_context()
+        if self.inbox_prefix:
+            options["inbox_prefix"] = self.inbox_prefix
+        return options
+
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS files: {exc}") from exc
+        return context
+
+
+def _without_credentials(url: str) -> str:
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}"

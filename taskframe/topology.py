@@ -218,8 +218,8 @@ def _differences(
     for name in fields:
         ours: Any = getattr(want, name)
         theirs: Any = getattr(have, name)
-        if ours is None:
-            continue
+        if ours is None or (name == "duplicate_window" and not ours):
+            continue  # unset (nats-py's default duplicate_window is 0): the server picks
         if isinstance(ours, float) and isinstance(theirs, float | int):
             if abs(ours - theirs) > 1e-6:
                 diffs.append(f"{name}={theirs!r} (taskframe wants {ours!r})")

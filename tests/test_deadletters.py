@@ -37,7 +37,7 @@ async def test_replay_enqueues_again_with_the_same_id_and_removes_the_letter(
     assert letter.reason == "invalid"
     # Fix the payload by hand, as an operator would, then replay it.
     fixed = dataclasses.replace(letter, body=Add(a=41, b=1).model_dump_json().encode())
-    await replay(client.js, client.settings, fixed)
+    await replay(client, fixed)
     assert await dead_letters(client.js, client.namespace) == []
     worker = await work_until(app, client, lambda w: w.stats.succeeded == 1)
     assert worker.stats.dead == 0
