@@ -54,17 +54,10 @@ class Handler(Generic[M]):
     exactly_once: bool = False
     group: str | None = None
     """The subscriber group, for event handlers."""
-
-    @property
-    def name(self) -> str:
-        """The task or event name this handler answers to."""
-        name: str = getattr(self.model, "__tf_name__", self.model.__name__)
-        return name
-
-    @property
-    def keeps_result(self) -> bool:
-        """Whether the worker stores this handler's outcome in the results bucket."""
-        return bool(getattr(self.model, "__tf_results__", False))
+    name: str = ""
+    """The task or event name this handler answers to."""
+    keeps_result: bool = False
+    """Whether the worker stores this handler's outcome in the results bucket."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +303,8 @@ def _handler(
         result=result,
         exactly_once=exactly_once,
         group=group,
+        name=getattr(model, "__tf_name__", model.__name__),
+        keeps_result=bool(getattr(model, "__tf_results__", False)),
     )
 
 

@@ -115,7 +115,8 @@ class Worker:
         queues: the queues to serve; default every queue the app has handlers for.
         groups: the subscriber groups to serve; default every group of the app.
         concurrency: tasks run at once, per queue (and per group).
-        prefetch: extra tasks held ready per queue, so a free slot never waits for the network.
+        prefetch: extra tasks held ready per queue, so a free slot never waits for the network
+            (default: as many as `concurrency`, at most 64).
         grace: seconds running tasks get to finish after `stop()`; the rest are handed back.
     """
 
@@ -149,7 +150,7 @@ class Worker:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
         self.concurrency = concurrency
-        self.prefetch = min(concurrency, 32) if prefetch is None else prefetch
+        self.prefetch = min(concurrency, 64) if prefetch is None else prefetch
         self.grace = grace
         self.stats = WorkerStats()
         self._settings = client.settings
