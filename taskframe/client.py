@@ -291,12 +291,19 @@ class Client:
         self, queue: str, subject: str, body: bytes, headers: dict[str, str]
     ) -> bool:
         """Store one task message; True if the server reported it a duplicate."""
-        try:
-            ack = await publish_stored(self.nc, self.settings, subject, body, headers)
-        except StreamMissingError:
-            await topology.ensure_queue(self.js, self.settings, queue)
-            ack = await publish_stored(self.nc, self.settings, subject, body, headers)
-        return bool(ack.duplicate)
+        for attempt in range(self.settings.publish_attempts):
+            try:
+                ack = await publish_stored(self.nc, self.settings, subject, body, headers)
+                return bool(ack.duplicate)
+            except StreamMissingError:
+                # No stream listened: the queue is new, or (in a cluster) its stream is
+                # electing a leader. Create or check it, then send again (same message id).
+                try:
+                    await topology.ensure_queue(self.js, self.settings, queue)
+                except ConnectError as exc:
+                    if attempt == self.settings.publish_attempts - 1:
+                        raise PublishError(f"no stream took {subject}: {exc}") from exc
+        raise PublishError(f"no stream took {subject} after {attempt + 1} attempts")
 
     async def enqueue(
         self,

@@ -16,15 +16,17 @@ place. A setting it cannot change (say, an existing stream with another retentio
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
 from taskframe.app import DEFAULT_LANE, QueueOptions
-from taskframe.errors import ConfigError
+from taskframe.errors import ConfigError, ConnectError
 from taskframe.settings import Settings
 
 WORKERS = "workers"
@@ -41,6 +43,8 @@ _COMPARED = (
 META_NAMESPACE = "taskframe.namespace"
 META_QUEUE = "taskframe.queue"
 META_KIND = "taskframe.kind"
+_API_ATTEMPTS = 4
+T = TypeVar("T")
 
 
 def queue_stream(namespace: str, queue: str) -> str:
@@ -228,8 +232,30 @@ def _differences(
     return diffs
 
 
+async def _answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again when JetStream does not answer (a cluster electing a leader).
+
+    In a cluster, a request about a stream that another client is creating at this
+    moment, or whose leader is being elected, goes unanswered until the leader is in
+    place: a few seconds at most, so a few tries bridge it.
+    """
+    for attempt in range(_API_ATTEMPTS):
+        try:
+            return await call()
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            if attempt == _API_ATTEMPTS - 1:
+                raise ConnectError(f"JetStream did not answer about {what}: {exc!r}") from exc
+            await asyncio.sleep(0.25 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 async def ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
     """Create the stream `want`, or bring an existing one in line with it."""
+    assert want.name is not None
+    await _answered(f"stream {want.name}", lambda: _ensure_stream(js, want))
+
+
+async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
     assert want.name is not None
     try:
         info = await js.stream_info(want.name)
@@ -261,7 +287,9 @@ async def ensure_consumer(
 ) -> js_api.ConsumerInfo:
     """Create the durable consumer `want`, or update it in place (the server's create-or-update)."""
     try:
-        return await js.add_consumer(stream, want)
+        return await _answered(
+            f"consumer {want.name} on {stream}", lambda: js.add_consumer(stream, want)
+        )
     except APIError as exc:
         raise ConfigError(
             f"cannot create consumer {want.name} on {stream}: {exc.description}"

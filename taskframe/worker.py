@@ -33,11 +33,12 @@ from pydantic import ValidationError
 
 from taskframe import schedules, topology, wire
 from taskframe.app import App, Handler
-from taskframe.claims import Claim, Claims, Outcome
+from taskframe.claims import Claims, Outcome
 from taskframe.client import Client
 from taskframe.context import Context
 from taskframe.errors import ConfigError, Reject, Retry, TaskframeError
 from taskframe.feed import Credit, Feed
+from taskframe.leases import Lease, Leases
 from taskframe.publish import publish_stored
 from taskframe.ratelimit import RateLimit, RateLimiter
 from taskframe.results import ErrorInfo, TaskState, status_record
@@ -45,22 +46,6 @@ from taskframe.results import ErrorInfo, TaskState, status_record
 log = logging.getLogger("taskframe.worker")
 
 _TIMEOUT_TICK = 0.1  # how often handler timeouts are checked
-
-
-@dataclass(slots=True)
-class Lease:
-    """A held message, until when the server still counts it as ours, and its claim if any."""
-
-    msg: Msg
-    expires: float
-    lost: bool = False
-    claim: Claim | None = None
-    running: tuple[str, bytes] | None = None
-    """A `running` status to write if the attempt is still running at the next renewal."""
-
-    def valid(self) -> bool:
-        """Whether the message is still ours to settle."""
-        return not self.lost and time.monotonic() < self.expires
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +84,7 @@ class _Pool:
 
     name: str
     credit: Credit
-    buffer: asyncio.Queue[tuple[int, int, Msg, Route]] = field(
+    buffer: asyncio.Queue[tuple[int, int, Lease, Route]] = field(
         default_factory=asyncio.PriorityQueue
     )
     feeds: list[Feed] = field(default_factory=list)
@@ -154,7 +139,7 @@ class Worker:
         self.grace = grace
         self.stats = WorkerStats()
         self._settings = client.settings
-        self._leases: dict[int, Lease] = {}
+        self._leases = Leases(self._settings.ack_wait, self._stalled, self._record, self._lost)
         self._pools: list[_Pool] = []
         self._order = itertools.count()
         self._claims: Claims | None = None
@@ -162,7 +147,6 @@ class Worker:
         self._stop = asyncio.Event()  # asyncio events bind to a loop on first use, not here
         self._idle = asyncio.Event()
         self._idle.set()
-        self._awake = time.monotonic()  # when the lease keeper last ran
         self._deadlines: dict[asyncio.Task[Any], float] = {}  # running handlers' timeouts
         self._expired: set[asyncio.Task[Any]] = set()
         self.ready = asyncio.Event()
@@ -188,13 +172,12 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         self._threads = ThreadPoolExecutor(min(self.concurrency, 64), "taskframe")
-        self._awake = time.monotonic()
         try:
             routes = await self.provision()
             async with asyncio.TaskGroup() as group:
                 for pool_routes in routes:
                     await self._start_pool(group, pool_routes)
-                group.create_task(self._keep_leases(), name="taskframe-leases")
+                group.create_task(self._leases.keep(), name="taskframe-leases")
                 group.create_task(self._enforce_timeouts(), name="taskframe-timeouts")
                 self.client.reconnect_listeners.append(self._on_reconnect)
                 self.ready.set()
@@ -229,6 +212,7 @@ class Worker:
         await topology.ensure_shared(js, settings)
         if any(h.exactly_once for (q, _), h in self.app.handlers.items() if q in self.queues):
             self._claims = Claims(js, settings)
+            self._leases.renew_claim = self._claims.renew
             await self._claims.ensure()
         pools: list[list[Route]] = []
         for queue in self.queues:
@@ -296,22 +280,25 @@ class Worker:
                 feed.reset()
 
     def _accept(self, pool: _Pool, route: Route, msg: Msg) -> None:
-        now = time.monotonic()
-        if now - self._awake > self._settings.ack_wait:
-            # The loop has not run for longer than a lease (the process was stopped, or a
-            # handler blocked the loop): this delivery may be stale and redelivered
-            # elsewhere already. Drop it unsettled; the keeper starts over when it wakes.
+        lease = self._leases.take(msg)
+        if lease is None:  # stale: dropped unsettled
             pool.credit.finished()
             return
-        self._leases[id(msg)] = Lease(msg, now + self._settings.ack_wait)
-        pool.buffer.put_nowait((route.rank, next(self._order), msg, route))
+        pool.buffer.put_nowait((route.rank, next(self._order), lease, route))
+
+    def _lost(self) -> None:
+        self.stats.lost += 1
+
+    def _stalled(self) -> None:
+        for pool in self._pools:
+            for feed in pool.feeds:
+                feed.reset(new_inbox=True)
 
     async def _runner(self, pool: _Pool) -> None:
         while True:
-            _, _, msg, route = await pool.buffer.get()
-            lease = self._leases.get(id(msg))
+            _, _, lease, route = await pool.buffer.get()
             try:
-                if lease is None or not self._still_ours(lease):
+                if not self._leases.still_ours(lease):
                     continue  # lost while it waited; another worker has it now
                 if self._stop.is_set():
                     await self._settle(lease, "nak")
@@ -324,9 +311,11 @@ class Worker:
             except Exception:
                 # Storing a result or a dead letter failed even after retries: the broker is
                 # away. Leave the task to come back after ack_wait rather than stop the worker.
-                log.exception("message on %s not settled; it will be redelivered", msg.subject)
+                log.exception(
+                    "message on %s not settled; it will be redelivered", lease.msg.subject
+                )
             finally:
-                self._leases.pop(id(msg), None)
+                self._leases.release(lease)
                 pool.credit.finished()
 
     def _started(self) -> None:
@@ -338,77 +327,11 @@ class Worker:
         if self.stats.running == 0:
             self._idle.set()
 
-    async def _keep_leases(self) -> None:
-        period = self._settings.ack_wait / 3
-        while True:
-            await asyncio.sleep(period / 2)
-            now = time.monotonic()
-            if now - self._awake > self._settings.ack_wait:
-                self._woke_up(now - self._awake)
-            self._awake = now
-            for key, lease in list(self._leases.items()):
-                if now >= lease.expires:
-                    lease.lost = True
-                    self._leases.pop(key, None)
-                    self.stats.lost += 1
-                    log.warning(
-                        "lease on %s expired (worker paused or cut off): another worker owns "
-                        "it now; it will not be settled here",
-                        lease.msg.subject,
-                    )
-                else:
-                    if lease.running is not None:
-                        task_id, record = lease.running
-                        lease.running = None
-                        await self._record(task_id, record)
-                    if lease.expires - now < self._settings.ack_wait - period:
-                        await self._renew(lease)
-
-    def _woke_up(self, asleep: float) -> None:
-        """The loop stood still longer than a lease: everything held now belongs to others."""
-        log.warning(
-            "worker was stalled for %.1fs, longer than its lease (ack_wait %.1fs): dropping "
-            "%d held task(s) unsettled and asking the server afresh",
-            asleep,
-            self._settings.ack_wait,
-            len(self._leases),
-        )
-        for lease in self._leases.values():
-            if not lease.lost:
-                lease.lost = True
-                self.stats.lost += 1
-        self._leases.clear()
-        for pool in self._pools:
-            for feed in pool.feeds:
-                feed.reset(new_inbox=True)
-
-    def _still_ours(self, lease: Lease) -> bool:
-        """Whether `lease` is valid; if not, count it lost (once) and say so."""
-        if lease.valid():
-            return True
-        if not lease.lost:
-            lease.lost = True
-            self.stats.lost += 1
-            log.warning("lease on %s lost: leaving it to its new owner", lease.msg.subject)
-        return False
-
-    async def _renew(self, lease: Lease) -> None:
-        if not lease.valid():
-            return
-        try:
-            await lease.msg.in_progress()
-        except Exception as exc:  # disconnected: the lease runs out unless we reconnect in time
-            log.debug("heartbeat not sent: %r", exc)
-            return
-        lease.expires = time.monotonic() + self._settings.ack_wait
-        if lease.claim is not None and self._claims is not None:
-            await self._claims.renew(lease.claim)
-
     async def _settle(
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
     ) -> bool:
         """Ack, nak or term the leased message, unless the lease was lost."""
-        if not self._still_ours(lease):
+        if not self._leases.still_ours(lease):
             return False
         msg = lease.msg
         if how == "ack":
@@ -483,7 +406,7 @@ class Worker:
             attempt=attempt,
             max_attempts=handler.max_attempts,
             client=self.client,
-            heartbeat=functools.partial(self._renew, lease),
+            heartbeat=functools.partial(self._leases.renew, lease),
         )
         if keeps:
             # Written by the lease keeper once the attempt has run a while: most tasks finish
@@ -516,7 +439,7 @@ class Worker:
             log.warning("claim on %s %s was lost while it ran: not acking", name, task_id)
             self.stats.lost += 1
             return
-        if not self._still_ours(lease):  # another worker owns the task: its record wins
+        if not self._leases.still_ours(lease):  # another worker owns the task: its record wins
             return
         if keeps:
             record = status_record(
@@ -590,7 +513,7 @@ class Worker:
                 traceback="".join(traceback.format_exception(exc)),
             )
         keeps = handler.keeps_result
-        if not self._still_ours(lease):
+        if not self._leases.still_ours(lease):
             return
         if attempt >= handler.max_attempts:
             await self._bury(lease, route, handler.name, task_id, attempt, "failed", error, keeps)
@@ -624,7 +547,7 @@ class Worker:
         keeps_result: bool,
     ) -> None:
         """Store a dead letter, then terminate the message: never the other way round."""
-        if not self._still_ours(lease):
+        if not self._leases.still_ours(lease):
             return
         msg = lease.msg
         headers = {k: v for k, v in (msg.headers or {}).items() if k != wire.MSG_ID}
@@ -691,10 +614,9 @@ class Worker:
             for feed in pool.feeds:
                 feed.stopping = True
             while not pool.buffer.empty():
-                _, _, msg, _ = pool.buffer.get_nowait()
-                lease = self._leases.pop(id(msg), None)
-                if lease is not None:
-                    await self._settle(lease, "nak")
+                _, _, lease, _ = pool.buffer.get_nowait()
+                await self._settle(lease, "nak")
+                self._leases.release(lease)
                 pool.credit.finished()
         try:
             await asyncio.wait_for(self._idle.wait(), self.grace)
