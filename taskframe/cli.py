@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -29,6 +28,7 @@ from taskframe.errors import TaskframeError
 from taskframe.schedules import stored_schedules
 from taskframe.server import NatsServer, default_config
 from taskframe.settings import DEFAULT_URL
+from taskframe.supervisor import announce_ready, supervise
 from taskframe.worker import Worker
 
 cli = typer.Typer(
@@ -107,62 +107,19 @@ def worker(
         command += ["--grace", str(grace), "--log-level", log_level]
         command += [f"--queue={q}" for q in queue or []]
         command += [f"--url={url}"] if url else []
-        raise typer.Exit(_supervise(command, processes))
+        raise typer.Exit(supervise(command, processes))
 
     async def main() -> None:
         async with connect(url, namespace=the_app.namespace) as client:
-            await Worker(the_app, client, queues=queue, concurrency=concurrency, grace=grace).run(
-                handle_signals=True
-            )
+            running = Worker(the_app, client, queues=queue, concurrency=concurrency, grace=grace)
+            ready = asyncio.create_task(running.ready.wait())
+            ready.add_done_callback(lambda _: announce_ready())
+            try:
+                await running.run(handle_signals=True)
+            finally:
+                ready.cancel()
 
     _run(main())
-
-
-def _supervise(command: list[str], processes: int) -> int:
-    """Run `processes` copies of `command`, restart any that dies, pass SIGTERM/SIGINT on.
-
-    A child that keeps dying within seconds of its start (say, a provisioning conflict) is
-    restarted with a growing delay, and after five such deaths in a row the supervisor
-    gives up and stops the others.
-    """
-    log = logging.getLogger("taskframe.cli")
-    started = [time.monotonic()] * processes
-    children = [subprocess.Popen(command) for _ in range(processes)]
-    quick_deaths = 0
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while not stopping or any(child.poll() is None for child in children):
-        for index, child in enumerate(children):
-            if child.poll() is None or stopping:
-                continue
-            uptime = time.monotonic() - started[index]
-            quick_deaths = quick_deaths + 1 if uptime < 10 else 0
-            if quick_deaths >= 5:
-                log.error("worker processes keep dying at start; giving up")
-                forward(signal.SIGTERM, None)
-                break
-            delay = min(30.0, 0.5 * 2**quick_deaths) if quick_deaths else 0.0
-            log.error(
-                "worker process %d exited with %d; restarting in %.1fs",
-                child.pid,
-                child.returncode,
-                delay,
-            )
-            time.sleep(delay)
-            started[index] = time.monotonic()
-            children[index] = subprocess.Popen(command)
-        time.sleep(0.2)
-    codes = [child.returncode for child in children]
-    return 1 if quick_deaths >= 5 else max(codes)
 
 
 @cli.command()
