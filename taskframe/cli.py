@@ -268,13 +268,7 @@ QueueRow = tuple[str, str, int, int, int, int]
 async def _queue_rows(client: Client, only: str | None) -> list[QueueRow]:
     js = client.js
     rows = []
-    for info in await js.streams_info():
-        meta = info.config.metadata or {}
-        ns, queue = meta.get(topology.META_NAMESPACE), meta.get(topology.META_QUEUE)
-        if meta.get(topology.META_KIND) != "queue" or ns is None or queue is None:
-            continue
-        if only and ns != only:
-            continue
+    for ns, queue, info in await topology.queue_streams(js, only):
         in_flight = redelivered = 0
         with contextlib.suppress(Exception):  # no worker has run yet: nothing in flight
             consumer = await js.consumer_info(topology.queue_stream(ns, queue), topology.WORKERS)

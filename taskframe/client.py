@@ -277,15 +277,9 @@ class Client:
         return subject, body, headers, task_id
 
     def _run(self, task: Task[R], task_id: str, duplicate: bool) -> TaskRun[R]:
-        model = type(task)
-        return TaskRun(
-            self,
-            task_id,
-            model.__tf_name__,
-            self._adapter(model),
-            keeps_result=model.__tf_results__,
-            duplicate=duplicate,
-        )
+        run = self.handle(type(task), task_id)
+        run.duplicate = duplicate
+        return run
 
     async def _publish(
         self, queue: str, subject: str, body: bytes, headers: dict[str, str]

@@ -90,13 +90,7 @@ async def stored_schedules(js: JetStreamContext, namespace: str | None) -> list[
     """Every periodic schedule on the server (of `namespace`, if given), with its next tick."""
     found = []
     now = datetime.now(UTC)
-    for info in await js.streams_info():
-        meta = info.config.metadata or {}
-        ns, queue = meta.get(topology.META_NAMESPACE), meta.get(topology.META_QUEUE)
-        if meta.get(topology.META_KIND) != "queue" or ns is None or queue is None:
-            continue
-        if namespace and ns != namespace:
-            continue
+    for ns, queue, info in await topology.queue_streams(js, namespace):
         prefix = _prefix(ns, queue)
         details = await js.stream_info(info.config.name or "", subjects_filter=f"{prefix}>")
         for subject in sorted(details.state.subjects or {}):

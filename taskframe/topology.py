@@ -325,6 +325,21 @@ async def ensure_lanes(
         await ensure_consumer(js, stream, config)
 
 
+async def queue_streams(
+    js: JetStreamContext, namespace: str | None = None
+) -> list[tuple[str, str, js_api.StreamInfo]]:
+    """(namespace, queue, stream info) of every taskframe queue (of `namespace`, if given)."""
+    found = []
+    for info in await js.streams_info():
+        meta = info.config.metadata or {}
+        ns, queue = meta.get(META_NAMESPACE), meta.get(META_QUEUE)
+        if meta.get(META_KIND) != "queue" or ns is None or queue is None:
+            continue
+        if namespace is None or ns == namespace:
+            found.append((ns, queue, info))
+    return found
+
+
 async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
     """Create or update the namespace's dead-letter stream and results bucket."""
     await ensure_stream(js, dead_config(settings))
