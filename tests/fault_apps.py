@@ -39,6 +39,19 @@ class Other(Task[str], queue="other"):
     seconds: float = 0.0
 
 
+class Once(Task[str], queue="once"):
+    """Like `Work`, but exactly-once: claimed in the claims bucket before it runs."""
+
+    seconds: float = 0.0
+
+
+class Poison(Task[None], queue="poison"):
+    """Kills the worker process that runs it, on every delivery."""
+
+
+POISON_ATTEMPTS = 2
+
+
 def build_app(namespace: str, ledger: Path | None) -> App:
     """The app in `namespace`, writing to `ledger` when it is given."""
     app = App(namespace)
@@ -63,6 +76,18 @@ def build_app(namespace: str, ledger: Path | None) -> App:
     @app.handle(Add)
     async def add(job: Add, ctx: Context) -> int:
         return job.a + job.b
+
+    @app.handle(Once, exactly_once=True, timeout=60.0)
+    async def once(job: Once, ctx: Context) -> str:
+        note("start", ctx)
+        await asyncio.sleep(job.seconds)
+        note("done", ctx)
+        return ctx.task_id
+
+    @app.handle(Poison, max_attempts=POISON_ATTEMPTS)
+    async def poison(job: Poison, ctx: Context) -> None:
+        note("start", ctx)
+        os._exit(1)  # no cleanup, no settle: what a segfault in a C extension looks like
 
     @app.handle(Other, timeout=60.0)
     async def other(job: Other, ctx: Context) -> str:

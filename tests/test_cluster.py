@@ -10,6 +10,7 @@ for the summary; run with `-s` to see them.
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -27,6 +28,7 @@ from taskframe.cluster import NatsCluster, fixed_specs, node_config
 from taskframe.worker import Worker
 from tests.fault_apps import Work, build_app
 from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Proc, Procs, until
+from tests.ledger import RECORDED, Figures
 
 REPO = Path(__file__).resolve().parent.parent
 ACK_WAIT = 2.0
@@ -130,8 +132,38 @@ async def outcome(tf: Client, procs: Procs, acked: dict[str, float]) -> dict[str
     }
 
 
+_TITLES = {
+    "leader-kill": (
+        "3-node cluster: stream leader kill -9 under load",
+        "first_task_after_kill_done_s",
+    ),
+    "quorum-loss": (
+        "3-node cluster: 2 of 3 nodes killed, then back",
+        "first_enqueue_after_restart_s",
+    ),
+    "sigstop": ("3-node cluster: a node SIGSTOPped past the ping timeout", "healthy_after_thaw_s"),
+}
+
+
 def report(scenario: str, figures: dict[str, Any]) -> None:
+    """Print the scenario's figures and add them to the session's fault table."""
     print(f"\nFAULT-FIGURES {json.dumps({'scenario': scenario, **figures})}")  # noqa: T201
+    title, recover = _TITLES[scenario]
+    detail = {k: v for k, v in figures.items() if k.endswith("_s") or k == "leader"}
+    RECORDED.append(
+        Figures(
+            scenario=title,
+            acknowledged=figures["acknowledged"],
+            executed=figures["acknowledged"] - figures["lost"],
+            lost=figures["lost"],
+            duplicated=figures["duplicated"],
+            dead=figures["dead"],
+            unknown=figures.get("failed_enqueues", 0),
+            recover_s=figures.get(recover),
+            note=", ".join(f"{k} {v}" for k, v in detail.items() if k != recover),
+            test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
+        )
+    )
 
 
 def connections(cluster: NatsCluster, name: str) -> dict[str, int]:
