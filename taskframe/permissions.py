@@ -281,5 +281,8 @@ class Connection(NATS):
         """
         async with self.denials.watch(""):
             sub = await self.subscribe(self.new_inbox())
+            # Twice: a PONG still owed for an earlier PING (the handshake's, a keepalive)
+            # may answer the first flush before the server's refusal of the SUB arrives.
+            await self.flush()
             await self.flush()
         await sub.unsubscribe()
