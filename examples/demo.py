@@ -14,12 +14,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from nats.js.errors import NotFoundError
+
 import taskframe
 from examples.tasks import HashFile, SendEmail
 from taskframe import TaskState
+from taskframe.deadletters import dead_letters
 from taskframe.results import parse_record
 from taskframe.server import NatsServer
-from taskframe.topology import dead_stream, results_bucket
+from taskframe.topology import WORKERS, queue_stream, results_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "quickstart"
@@ -29,6 +32,18 @@ def start_workers(url: str, count: int) -> list[subprocess.Popen[bytes]]:
     command = [sys.executable, "-m", "taskframe", "worker", "examples.worker:app"]
     command += ["--url", url, "--concurrency", "32", "--log-level", "error"]
     return [subprocess.Popen(command, cwd=ROOT) for _ in range(count)]
+
+
+async def in_flight(tf: taskframe.Client) -> int:
+    """Tasks the workers hold right now (delivered, not yet acknowledged), from the server."""
+    held = 0
+    for queue in ("files", "email"):
+        try:
+            info = await tf.js.consumer_info(queue_stream(NAMESPACE, queue), WORKERS)
+        except NotFoundError:  # the workers have not created it yet
+            continue
+        held += info.num_ack_pending or 0
+    return held
 
 
 async def produce_and_watch(url: str, tasks: int) -> int:
@@ -47,7 +62,7 @@ async def produce_and_watch(url: str, tasks: int) -> int:
         watcher = await tf.nc.subscribe(f"$KV.{results_bucket(NAMESPACE)}.>", cb=on_status)
         started = time.monotonic()
         file_runs = await tf.enqueue_many(
-            HashFile(name=f"scan-{i:05}.tif", size_kb=4096) for i in range(files)
+            HashFile(name=f"scan-{i:05}.tif", size_kb=12288) for i in range(files)
         )
         mail = [
             SendEmail(to=f"user{i}@example.com", subject="Your scans are ready")
@@ -67,9 +82,10 @@ async def produce_and_watch(url: str, tasks: int) -> int:
             counts = Counter(states.get(i, TaskState.QUEUED) for i in ids)
             done = counts[TaskState.SUCCEEDED] + counts[TaskState.DEAD]
             elapsed = time.monotonic() - started
+            held = await in_flight(tf)
             line = (
                 f"[{elapsed:5.1f}s] done {done:>5}/{len(ids)}"
-                f"  queued {counts[TaskState.QUEUED]:>5}  running {counts[TaskState.RUNNING]:>3}"
+                f"  waiting {len(ids) - done - held:>5}  in flight {held:>3}"
                 f"  retries {retries:>3}  dead {counts[TaskState.DEAD]}"
                 f"  ({done / elapsed:,.0f} tasks/s)"
             )
@@ -83,14 +99,12 @@ async def produce_and_watch(url: str, tasks: int) -> int:
 
         sample = await file_runs[0].result(timeout=5)
         print(f"scan-00000.tif sha256 = {sample}")
-        info = await tf.js.stream_info(dead_stream(NAMESPACE))
-        print(f"dead-letter stream holds {info.state.messages} task(s):")
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            dead = await tf.js.get_msg(dead_stream(NAMESPACE), seq)
-            headers = dead.headers or {}
+        letters = await dead_letters(tf.js, NAMESPACE)
+        print(f"dead-letter stream holds {len(letters)} task(s) (see `taskframe dead`):")
+        for letter in letters:
             print(
-                f"  {headers.get('Tf-Task')} after {headers.get('Tf-Attempts')} attempts: "
-                f"{headers.get('Tf-Error-Type')}: {headers.get('Tf-Error')}"
+                f"  {letter.subject.rsplit('.', 1)[-1]} {letter.task_id} after {letter.attempts} "
+                f"attempts ({letter.reason}): {letter.error_type}: {letter.error}"
             )
         ok = counts[TaskState.SUCCEEDED] == len(ids) - 2 and counts[TaskState.DEAD] == 2
         return 0 if ok else 1
