@@ -111,26 +111,21 @@ class Claims:
 
     async def renew(self, claim: Claim) -> bool:
         """Extend a held claim's lease; False (and `lost`) if another worker took it over."""
-        if claim.lost:
-            return False
         try:
-            revision = await self._write(claim.task_id, "running", claim.revision, self._lease)
+            return await self._advance(claim, "running", self._lease)
         except (APIError, nats.errors.Error) as exc:
             log.debug("claim %s not renewed now: %r", claim.task_id, exc)
             return True  # transient; the TTL still covers a few more attempts
-        if revision is None:
-            claim.lost = True
-            return False
-        claim.revision = revision
-        return True
 
     async def complete(self, claim: Claim) -> bool:
         """Mark the task done for `claim_ttl`; False if the claim was lost meanwhile."""
+        return await self._advance(claim, "done", self._settings.claim_ttl)
+
+    async def _advance(self, claim: Claim, state: str, ttl: float) -> bool:
+        """Move a held claim to `state`; False (and `lost`) if another worker wrote first."""
         if claim.lost:
             return False
-        revision = await self._write(
-            claim.task_id, "done", claim.revision, self._settings.claim_ttl
-        )
+        revision = await self._write(claim.task_id, state, claim.revision, ttl)
         if revision is None:
             claim.lost = True
             return False
