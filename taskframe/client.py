@@ -369,6 +369,8 @@ class Client:
             if futures:
                 await asyncio.wait(futures, timeout=self.settings.publish_timeout)
             waiting, missing = _unconfirmed(batch, waiting, futures)
+            if waiting:
+                sender.abandon()
             if not waiting:
                 break
             for queue in sorted(missing):  # first use of a queue: create its stream

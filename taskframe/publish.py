@@ -53,9 +53,11 @@ def check_size(subject: str, body: bytes, headers: dict[str, str] | None, max_pa
 class Ack:
     """The server's confirmation that a message is stored."""
 
-    stream: str
-    seq: int
     duplicate: bool
+    """The stream already held a message with this `Nats-Msg-Id` (within its window)."""
+
+
+_STORED, _DUPLICATE = Ack(duplicate=False), Ack(duplicate=True)
 
 
 class Publisher:
@@ -90,32 +92,36 @@ class Publisher:
         token = str(next(self._sequence))
         future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
-        future.add_done_callback(lambda _: self._forget(token))
-        await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+        try:
+            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+        except BaseException:
+            del self._futures[token]
+            raise
         return future
 
-    def _forget(self, token: str) -> None:
-        self._futures.pop(token, None)
-        if len(self._futures) < self.WINDOW:
-            self._room.set()
+    def abandon(self) -> None:
+        """Forget confirmations nobody waits for any more (futures cancelled on a timeout)."""
+        self._futures = {t: f for t, f in self._futures.items() if not f.done()}
+        self._room.set()
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.get(msg.subject[len(self._prefix) :])
+        future = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        if len(self._futures) < self.WINDOW:
+            self._room.set()
         if future is None or future.done():
             return
-        if not msg.data:  # a status: 503 means no stream listens on the subject
+        data = msg.data
+        if not data:  # a status: 503 means no stream listens on the subject
             status = (msg.headers or {}).get("Status", "")
             future.set_exception(
                 NoStreamResponseError() if status == "503" else ServiceUnavailableError()
             )
-            return
-        reply = json.loads(msg.data)
-        if "error" in reply:
-            future.set_exception(APIError.from_error(reply["error"]))
-        else:
-            future.set_result(
-                Ack(reply.get("stream", ""), reply.get("seq", 0), bool(reply.get("duplicate")))
-            )
+        elif b'"error"' in data:
+            future.set_exception(APIError.from_error(json.loads(data)["error"]))
+        elif b'"duplicate"' in data:  # rare: parse it (the server writes `"duplicate": true`)
+            future.set_result(_DUPLICATE if json.loads(data).get("duplicate") else _STORED)
+        else:  # {"stream":...,"seq":...}: stored, and that is all a caller needs
+            future.set_result(_STORED)
 
 
 _publishers: weakref.WeakKeyDictionary[NATS, Publisher] = weakref.WeakKeyDictionary()
@@ -149,7 +155,9 @@ async def publish_stored(
                 async with asyncio.timeout(settings.publish_timeout), watch(nc, subject):
                     return await future
             finally:
-                future.cancel()  # a confirmation that never came: stop waiting for it
+                if not future.done():  # a confirmation that never came: stop waiting for it
+                    future.cancel()
+                    publisher(nc).abandon()
         except NoStreamResponseError as exc:
             raise StreamMissingError(f"no stream stores subject {subject}") from exc
         except TRANSIENT as exc:
