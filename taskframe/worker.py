@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import math
 import signal
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,15 +78,48 @@ class WorkerStats:
     running: int = 0
 
 
+class _Buffer:
+    """Delivered messages waiting for a runner, highest lane first.
+
+    A message that arrives while a runner waits goes straight to that runner; this is the
+    one hand-off every message makes, so it is kept leaner than an `asyncio.Queue`.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        self._lanes: list[deque[tuple[Lease, Route]]] = [deque() for _ in range(lanes)]
+        self._waiting: deque[asyncio.Future[tuple[Lease, Route]]] = deque()
+
+    def put(self, lease: Lease, route: Route) -> None:
+        while self._waiting:
+            runner = self._waiting.popleft()
+            if not runner.done():  # a runner cancelled at shutdown no longer waits
+                runner.set_result((lease, route))
+                return
+        self._lanes[route.rank].append((lease, route))
+
+    async def get(self) -> tuple[Lease, Route]:
+        for lane in self._lanes:
+            if lane:
+                return lane.popleft()
+        runner: asyncio.Future[tuple[Lease, Route]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(runner)
+        return await runner
+
+    def drain(self) -> list[tuple[Lease, Route]]:
+        """Take everything waiting, at once."""
+        items = [item for lane in self._lanes for item in lane]
+        for lane in self._lanes:
+            lane.clear()
+        return items
+
+
 @dataclass
 class _Pool:
     """The runners, buffer and credit that the routes of one queue (or group) share."""
 
     name: str
     credit: Credit
-    buffer: asyncio.Queue[tuple[int, int, Lease, Route]] = field(
-        default_factory=asyncio.PriorityQueue
-    )
+    buffer: _Buffer
     feeds: list[Feed] = field(default_factory=list)
     limiter: RateLimiter | None = None
 
@@ -141,7 +174,6 @@ class Worker:
         self._settings = client.settings
         self._leases = Leases(self._settings.ack_wait, self._stalled, self._record, self._lost)
         self._pools: list[_Pool] = []
-        self._order = itertools.count()
         self._claims: Claims | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._stop = asyncio.Event()  # asyncio events bind to a loop on first use, not here
@@ -239,9 +271,11 @@ class Worker:
 
     async def _start_pool(self, group: asyncio.TaskGroup, routes: list[Route]) -> None:
         first = routes[0]
-        pool = _Pool(first.label, Credit(self.concurrency + self.prefetch))
-        if len(routes) == 1:  # one lane: first in, first out, without a heap
-            pool.buffer = asyncio.Queue()
+        pool = _Pool(
+            first.label,
+            Credit(self.concurrency + self.prefetch),
+            _Buffer(max(route.rank for route in routes) + 1),
+        )
         if first.queue and (limit := self.app.options(first.queue).rate_limit):
             pool.limiter = RateLimiter(
                 self.client.js, self._settings, first.queue, RateLimit.parse(limit)
@@ -284,7 +318,7 @@ class Worker:
         if lease is None:  # stale: dropped unsettled
             pool.credit.finished()
             return
-        pool.buffer.put_nowait((route.rank, next(self._order), lease, route))
+        pool.buffer.put(lease, route)
 
     def _lost(self) -> None:
         self.stats.lost += 1
@@ -296,7 +330,7 @@ class Worker:
 
     async def _runner(self, pool: _Pool) -> None:
         while True:
-            _, _, lease, route = await pool.buffer.get()
+            lease, route = await pool.buffer.get()
             try:
                 if not self._leases.still_ours(lease):
                     continue  # lost while it waited; another worker has it now
@@ -613,8 +647,7 @@ class Worker:
         for pool in self._pools:
             for feed in pool.feeds:
                 feed.stopping = True
-            while not pool.buffer.empty():
-                _, _, lease, _ = pool.buffer.get_nowait()
+            for lease, _ in pool.buffer.drain():
                 await self._settle(lease, "nak")
                 self._leases.release(lease)
                 pool.credit.finished()
