@@ -21,14 +21,12 @@ import math
 import signal
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js import api as js_api
 from pydantic import ValidationError
 
 from taskframe import schedules, topology, wire
@@ -39,6 +37,7 @@ from taskframe.context import Context
 from taskframe.errors import ConfigError, Reject, Retry, TaskframeError
 from taskframe.feed import Credit, Feed
 from taskframe.leases import Lease, Leases
+from taskframe.pools import Buffer, Pool, Route
 from taskframe.publish import publish_stored
 from taskframe.ratelimit import RateLimit, RateLimiter
 from taskframe.results import ErrorInfo, TaskState, status_record
@@ -46,23 +45,6 @@ from taskframe.results import ErrorInfo, TaskState, status_record
 log = logging.getLogger("taskframe.worker")
 
 _TIMEOUT_TICK = 0.1  # how often handler timeouts are checked
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One consumer a worker pulls from: a queue's lane, or a subscriber group."""
-
-    stream: str
-    consumer: js_api.ConsumerConfig
-    rank: int  # lane order: 0 is served first
-    handlers: dict[str, Handler[Any]]
-    queue: str | None = None  # set for task routes
-    group: str | None = None  # set for event routes
-
-    @property
-    def label(self) -> str:
-        """How logs name this route."""
-        return f"queue {self.queue}" if self.queue else f"group {self.group}"
 
 
 @dataclass
@@ -76,52 +58,6 @@ class WorkerStats:
     skipped: int = 0
     """Exactly-once tasks acked without running because they had completed before."""
     running: int = 0
-
-
-class _Buffer:
-    """Delivered messages waiting for a runner, highest lane first.
-
-    A message that arrives while a runner waits goes straight to that runner; this is the
-    one hand-off every message makes, so it is kept leaner than an `asyncio.Queue`.
-    """
-
-    def __init__(self, lanes: int) -> None:
-        self._lanes: list[deque[tuple[Lease, Route]]] = [deque() for _ in range(lanes)]
-        self._waiting: deque[asyncio.Future[tuple[Lease, Route]]] = deque()
-
-    def put(self, lease: Lease, route: Route) -> None:
-        while self._waiting:
-            runner = self._waiting.popleft()
-            if not runner.done():  # a runner cancelled at shutdown no longer waits
-                runner.set_result((lease, route))
-                return
-        self._lanes[route.rank].append((lease, route))
-
-    async def get(self) -> tuple[Lease, Route]:
-        for lane in self._lanes:
-            if lane:
-                return lane.popleft()
-        runner: asyncio.Future[tuple[Lease, Route]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(runner)
-        return await runner
-
-    def drain(self) -> list[tuple[Lease, Route]]:
-        """Take everything waiting, at once."""
-        items = [item for lane in self._lanes for item in lane]
-        for lane in self._lanes:
-            lane.clear()
-        return items
-
-
-@dataclass
-class _Pool:
-    """The runners, buffer and credit that the routes of one queue (or group) share."""
-
-    name: str
-    credit: Credit
-    buffer: _Buffer
-    feeds: list[Feed] = field(default_factory=list)
-    limiter: RateLimiter | None = None
 
 
 class Worker:
@@ -173,7 +109,7 @@ class Worker:
         self.stats = WorkerStats()
         self._settings = client.settings
         self._leases = Leases(self._settings.ack_wait, self._stalled, self._record, self._lost)
-        self._pools: list[_Pool] = []
+        self._pools: list[Pool] = []
         self._claims: Claims | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._stop = asyncio.Event()  # asyncio events bind to a loop on first use, not here
@@ -271,10 +207,10 @@ class Worker:
 
     async def _start_pool(self, group: asyncio.TaskGroup, routes: list[Route]) -> None:
         first = routes[0]
-        pool = _Pool(
+        pool = Pool(
             first.label,
             Credit(self.concurrency + self.prefetch),
-            _Buffer(max(route.rank for route in routes) + 1),
+            Buffer(max(route.rank for route in routes) + 1),
         )
         if first.queue and (limit := self.app.options(first.queue).rate_limit):
             pool.limiter = RateLimiter(
@@ -313,7 +249,7 @@ class Worker:
             for feed in pool.feeds:
                 feed.reset()
 
-    def _accept(self, pool: _Pool, route: Route, msg: Msg) -> None:
+    def _accept(self, pool: Pool, route: Route, msg: Msg) -> None:
         lease = self._leases.take(msg)
         if lease is None:  # stale: dropped unsettled
             pool.credit.finished()
@@ -328,7 +264,7 @@ class Worker:
             for feed in pool.feeds:
                 feed.reset(new_inbox=True)
 
-    async def _runner(self, pool: _Pool) -> None:
+    async def _runner(self, pool: Pool) -> None:
         while True:
             lease, route = await pool.buffer.get()
             try:
@@ -377,7 +313,7 @@ class Worker:
         self.progress.set()
         return True
 
-    async def _process(self, pool: _Pool, route: Route, lease: Lease) -> None:
+    async def _process(self, pool: Pool, route: Route, lease: Lease) -> None:
         msg = lease.msg
         attempt, seq = wire.delivery(msg.reply)
         headers = msg.headers
