@@ -31,6 +31,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from taskframe import wire
+
 log = logging.getLogger("taskframe.feed")
 
 EXPIRES = 30.0
@@ -228,7 +230,7 @@ class Feed:
             self._pending = max(0, self._pending - 1)
             self.credit.held += 1
             if len(self.credit.feeds) > 1:
-                self._backlog = msg.metadata.num_pending or 0
+                self._backlog = wire.delivery(msg.reply)[2]
                 self._backlog_at = time.monotonic()
                 if not self._backlog:
                     self.credit.wake()  # lower lanes may ask now

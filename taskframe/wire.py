@@ -24,8 +24,6 @@ SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
 SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
 ID = "Tf-Id"
-PRIORITY = "Tf-Priority"
-TRACEPARENT = "traceparent"
 
 # Dead letters carry the original body and headers plus these.
 DEAD_REASON = "Tf-Dead-Reason"
@@ -132,15 +130,18 @@ def message_id(headers: dict[str, str] | None, fallback: str) -> str:
     return fallback
 
 
-def delivery(reply: str) -> tuple[int, int]:
-    """(delivery count, stream sequence) from a JetStream ack subject, parsed cheaply.
+def delivery(reply: str) -> tuple[int, int, int]:
+    """(delivery count, stream sequence, messages still pending) from a JetStream ack subject.
+
+    Parsed here, cheaply, rather than through nats-py's `Msg.metadata`, which also builds a
+    datetime for every message.
 
     `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<time>.<pending>` (9 tokens), or
     with `<domain>.<account hash>` after `ACK` and a trailing token (12 tokens).
     """
     tokens = reply.split(".")
     offset = 2 if len(tokens) >= 11 else 0
-    return int(tokens[4 + offset]), int(tokens[5 + offset])
+    return int(tokens[4 + offset]), int(tokens[5 + offset]), int(tokens[8 + offset])
 
 
 def encode(model: BaseModel) -> bytes:

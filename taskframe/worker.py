@@ -315,7 +315,7 @@ class Worker:
 
     async def _process(self, pool: Pool, route: Route, lease: Lease) -> None:
         msg = lease.msg
-        attempt, seq = wire.delivery(msg.reply)
+        attempt, seq, _ = wire.delivery(msg.reply)
         headers = msg.headers
         if route.queue:
             name = wire.task_name_of(msg.subject, headers)
