@@ -52,6 +52,7 @@ class Claim:
     revision: int = 0
     lost: bool = False
     retry_in: float = 0.0
+    record: bytes | None = None  # a done claim's final status record, if its task keeps one
 
 
 class Claims:
@@ -71,13 +72,18 @@ class Claims:
     def _subject(self, task_id: str) -> str:
         return f"$KV.{topology.claims_bucket(self._settings.namespace)}.{task_id}"
 
-    async def _write(self, task_id: str, state: str, last: int, ttl: float) -> int | None:
+    async def _write(
+        self, task_id: str, state: str, last: int, ttl: float, record: bytes | None = None
+    ) -> int | None:
         """Compare-and-set one claim; the new revision, or None if someone else wrote first."""
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(last),
             "Nats-TTL": f"{max(1, math.ceil(ttl))}s",
         }
-        body = wire.dumps({"state": state, "owner": self._owner, "at": wire.now_rfc3339()})
+        claim = {"state": state, "owner": self._owner, "at": wire.now_rfc3339()}
+        if record is not None:
+            claim["record"] = record.decode()
+        body = wire.dumps(claim)
         try:
             ack = await self._js.publish(
                 self._subject(task_id),
@@ -99,9 +105,11 @@ class Claims:
             seq, state = 0, ""
         else:
             seq = last.seq or 0
-            state = json.loads(last.data or b"{}").get("state", "") if last.data else ""
-        if state == "done":
-            return Claim(task_id, Outcome.DONE, seq)
+            stored = json.loads(last.data) if last.data else {}
+            state = stored.get("state", "")
+            if state == "done":
+                record = stored.get("record")
+                return Claim(task_id, Outcome.DONE, seq, record=record and record.encode())
         if state == "running":
             return Claim(task_id, Outcome.BUSY, seq, retry_in=float(self._lease))
         revision = await self._write(task_id, "running", seq, self._lease)
@@ -117,15 +125,21 @@ class Claims:
             log.debug("claim %s not renewed now: %r", claim.task_id, exc)
             return True  # transient; the TTL still covers a few more attempts
 
-    async def complete(self, claim: Claim) -> bool:
-        """Mark the task done for `claim_ttl`; False if the claim was lost meanwhile."""
-        return await self._advance(claim, "done", self._settings.claim_ttl)
+    async def complete(self, claim: Claim, record: bytes | None) -> bool:
+        """Mark the task done for `claim_ttl`; False if the claim was lost meanwhile.
 
-    async def _advance(self, claim: Claim, state: str, ttl: float) -> bool:
+        `record` (the task's final status, with its result) is kept with the claim, so a
+        redelivery that finds the task done can store it again if storing it failed.
+        """
+        return await self._advance(claim, "done", self._settings.claim_ttl, record)
+
+    async def _advance(
+        self, claim: Claim, state: str, ttl: float, record: bytes | None = None
+    ) -> bool:
         """Move a held claim to `state`; False (and `lost`) if another worker wrote first."""
         if claim.lost:
             return False
-        revision = await self._write(claim.task_id, state, claim.revision, ttl)
+        revision = await self._write(claim.task_id, state, claim.revision, ttl, record)
         if revision is None:
             claim.lost = True
             return False

@@ -343,7 +343,9 @@ class Client:
         try:
             await publish_stored(self.nc, self.settings, subject, body, headers)
         except StreamMissingError:
-            await topology.ensure_stream(self.js, topology.events_config(self.settings))
+            await _provisioned(
+                subject, topology.ensure_stream(self.js, topology.events_config(self.settings))
+            )
             await publish_stored(self.nc, self.settings, subject, body, headers)
         return event_id
 
@@ -360,7 +362,7 @@ class Client:
         prepared = [self._prepare(t, None, priority) for t in batch]
         for queue in {type(t).__tf_queue__ for t in batch} - self._known_queues:
             # Once per queue and client: a batch sent to a missing stream would all come back.
-            await topology.ensure_queue(self.js, self.settings, queue)
+            await _provisioned(queue, topology.ensure_queue(self.js, self.settings, queue))
             self._known_queues.add(queue)
         sender = publisher(self.nc)
         waiting = list(range(len(batch)))
@@ -373,8 +375,8 @@ class Client:
                 sender.abandon()
             if not waiting:
                 break
-            for queue in sorted(missing):  # first use of a queue: create its stream
-                await topology.ensure_queue(self.js, self.settings, queue)
+            for queue in sorted(missing):  # no stream answered (deleted, or electing a leader)
+                await _provisioned(queue, topology.ensure_queue(self.js, self.settings, queue))
             if not missing:
                 await asyncio.sleep(min(2.0, 0.1 * 2**round_))
         if waiting:
@@ -387,8 +389,11 @@ class Client:
 
     async def _bucket(self) -> KeyValue | None:
         if self._kv is None:
+            bucket = topology.results_bucket(self.namespace)
             try:
-                self._kv = await self.js.key_value(topology.results_bucket(self.namespace))
+                self._kv = await topology.answered(
+                    f"bucket {bucket}", lambda: self.js.key_value(bucket)
+                )
             except NotFoundError:
                 return None
         return self._kv
@@ -397,13 +402,14 @@ class Client:
         """The latest status record of `task_id`, or None if there is none.
 
         None means no worker has picked the task up yet, its record expired (`result_ttl`),
-        its task keeps no results, or the id was never enqueued.
+        its task keeps no results, or the id was never enqueued. Raises `ConnectError` if
+        JetStream does not answer (a cluster without a quorum).
         """
         kv = await self._bucket()
         if kv is None:
             return None
         try:
-            entry = await kv.get(task_id)
+            entry = await topology.answered(f"status of {task_id}", lambda: kv.get(task_id))
         except NotFoundError:
             return None
         except APIError as exc:
@@ -416,7 +422,7 @@ class Client:
         # Subscribe before reading, so an update between the read and the wait is not missed.
         sub = await self.nc.subscribe(topology.result_subject(self.namespace, task_id))
         try:
-            status = await self.status(task_id)
+            status = await self._reread(task_id, None)
             while status is None or not status.state.final:
                 remaining = _POLL if deadline is None else deadline - time.monotonic()
                 if remaining <= 0:
@@ -424,13 +430,25 @@ class Client:
                 try:
                     msg = await sub.next_msg(timeout=min(_POLL, remaining))
                 except nats.errors.TimeoutError:
-                    status = await self.status(task_id)
+                    status = await self._reread(task_id, status)
                     continue
                 if msg.data:
                     status = parse_record(msg.data)
             return status
         finally:
             await sub.unsubscribe()
+
+    async def _reread(self, task_id: str, known: TaskStatus | None) -> TaskStatus | None:
+        """The status of `task_id`, or `known` while JetStream does not answer.
+
+        A waiter outlives a leader election or a lost quorum: it keeps waiting (and its
+        timeout still applies) instead of failing on a read that will work again.
+        """
+        try:
+            return await self.status(task_id)
+        except ConnectError as exc:
+            log.warning("cannot read the status of %s yet: %s", task_id, exc)
+            return known
 
     def handle(self, model: type[Task[R]], task_id: str) -> TaskRun[R]:
         """A handle on an already enqueued task of `model`, from its id."""
@@ -441,6 +459,14 @@ class Client:
             self._adapter(model),
             keeps_result=model.__tf_results__,
         )
+
+
+async def _provisioned(what: str, provisioning: Awaitable[None]) -> None:
+    """Await `provisioning` of the stream a publish needs; unanswered is a `PublishError`."""
+    try:
+        await provisioning
+    except ConnectError as exc:
+        raise PublishError(f"cannot store on {what}: {exc}") from exc
 
 
 def _unconfirmed(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from taskframe.app import DEFAULT_LANE, QueueOptions
 from taskframe.errors import ConfigError, ConnectError
@@ -232,17 +232,23 @@ def _differences(
     return diffs
 
 
-async def _answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
+async def answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
     """`call()`, again when JetStream does not answer (a cluster electing a leader).
 
     In a cluster, a request about a stream that another client is creating at this
-    moment, or whose leader is being elected, goes unanswered until the leader is in
-    place: a few seconds at most, so a few tries bridge it.
+    moment, or whose leader is being elected, goes unanswered, or is answered 503
+    "JetStream system temporarily unavailable", until the leader is in place: a few
+    seconds at most, so a few tries bridge it. A cluster that lost its quorum stays
+    unavailable: that ends in `ConnectError`, never in a raw nats-py error.
     """
     for attempt in range(_API_ATTEMPTS):
         try:
             return await call()
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            ServiceUnavailableError,
+        ) as exc:
             if attempt == _API_ATTEMPTS - 1:
                 raise ConnectError(f"JetStream did not answer about {what}: {exc!r}") from exc
             await asyncio.sleep(0.25 * 2**attempt)
@@ -252,7 +258,7 @@ async def _answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
 async def ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
     """Create the stream `want`, or bring an existing one in line with it."""
     assert want.name is not None
-    await _answered(f"stream {want.name}", lambda: _ensure_stream(js, want))
+    await answered(f"stream {want.name}", lambda: _ensure_stream(js, want))
 
 
 async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
@@ -262,6 +268,8 @@ async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> Non
     except NotFoundError:
         try:
             await js.add_stream(want)
+        except ServiceUnavailableError:
+            raise  # not a refusal of the config: answered() tries again
         except APIError as exc:
             raise ConfigError(f"cannot create stream {want.name}: {exc.description}") from exc
         return
@@ -275,6 +283,8 @@ async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> Non
     if _differences(have, want, _COMPARED):
         try:
             await js.update_stream(want)
+        except ServiceUnavailableError:
+            raise
         except APIError as exc:
             diffs = ", ".join(_differences(have, want, _COMPARED))
             raise ConfigError(
@@ -287,7 +297,7 @@ async def ensure_consumer(
 ) -> js_api.ConsumerInfo:
     """Create the durable consumer `want`, or update it in place (the server's create-or-update)."""
     try:
-        return await _answered(
+        return await answered(
             f"consumer {want.name} on {stream}", lambda: js.add_consumer(stream, want)
         )
     except APIError as exc:

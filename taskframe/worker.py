@@ -350,6 +350,11 @@ class Worker:
         if handler.exactly_once and self._claims is not None:
             claim = await self._claims.claim(task_id)
             if claim.outcome is Outcome.DONE:
+                if claim.record is not None and handler.keeps_result:
+                    # Its first run may have completed without storing its status (broker
+                    # away): storing the same final record again is harmless.
+                    subject = topology.result_subject(self.app.namespace, task_id)
+                    await publish_stored(self.client.nc, self._settings, subject, claim.record)
                 if await self._settle(lease, "ack"):
                     self.stats.skipped += 1
                 return
@@ -404,21 +409,19 @@ class Worker:
             await self._release(lease)
             await self._failed(route, handler, task_id, attempt, lease, exc)
             return
+        record = None
+        if keeps:
+            record = status_record(
+                task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
+            )
         claims, claim = self._claims, lease.claim
-        if claims is not None and claim is not None and not await claims.complete(claim):
+        if claims is not None and claim is not None and not await claims.complete(claim, record):
             log.warning("claim on %s %s was lost while it ran: not acking", name, task_id)
             self.stats.lost += 1
             return
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins
             return
-        if keeps:
-            record = status_record(
-                task_id,
-                name,
-                TaskState.SUCCEEDED,
-                attempt,
-                result_json=result_json,
-            )
+        if record is not None:
             subject = topology.result_subject(ns, task_id)
             await publish_stored(self.client.nc, self._settings, subject, record)
         if await self._settle(lease, "ack"):

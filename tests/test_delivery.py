@@ -16,7 +16,7 @@ from taskframe import App, Client, Context, Event, Task, Worker, connect
 from taskframe.schedules import stored_schedules
 from taskframe.server import NatsServer
 from taskframe.testing import running_worker, work_until
-from taskframe.topology import events_stream, queue_stream
+from taskframe.topology import events_stream, queue_stream, results_bucket
 from tests.faultkit import until_async
 
 
@@ -359,6 +359,11 @@ async def test_exactly_once_task_never_runs_again_after_it_completed(client: Cli
     first = await client.enqueue(Charge(order=1), key="charge-1")
     worker = await work_until(app, client, lambda w: w.stats.succeeded == 1)
     assert await first.result(timeout=5) == "charged 1"
+    # As if storing its status had failed after the claim was marked done (broker away):
+    # the redelivery that finds it done stores the status again from the claim.
+    results = await client.js.key_value(results_bucket(client.namespace))
+    await results.purge(first.id)
+    assert await client.status(first.id) is None
     await asyncio.sleep(1.2)  # past the duplicate window: the stream takes it again
     again = await client.enqueue(Charge(order=1), key="charge-1")
     assert not again.duplicate
