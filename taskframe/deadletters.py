@@ -1,4 +1,8 @@
-"""Reading and replaying dead letters: the tasks that ended in the dead-letter stream."""
+"""Dead letters, the tasks that ended in the dead-letter stream: written, read, replayed.
+
+A dead letter is the task's message as it was delivered (body and headers) plus headers
+saying why it died; `taskframe dead` lists them and replays them to their queue.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from taskframe import topology, wire
 from taskframe.client import Client
 from taskframe.publish import publish_stored
+from taskframe.results import ErrorInfo
 
 _DEAD_HEADERS = {
     wire.DEAD_REASON,
@@ -23,6 +29,32 @@ _DEAD_HEADERS = {
     wire.DIED_AT,
     wire.MSG_ID,
 }
+
+
+def dead_letter_headers(
+    msg: Msg, task_id: str, attempt: int, reason: str, error: ErrorInfo
+) -> dict[str, str]:
+    """The headers of `msg`'s dead letter: its own, and why and when it died.
+
+    Its message id names the delivery and attempt, so a resend of the same dead letter
+    (its confirmation timed out) is stored once.
+    """
+    headers = {k: v for k, v in (msg.headers or {}).items() if k != wire.MSG_ID}
+    headers.update(
+        {
+            wire.MSG_ID: f"{task_id}:{wire.delivery(msg.reply)[1]}:{attempt}",
+            wire.ID: task_id,
+            wire.DEAD_REASON: reason,
+            wire.ERROR_TYPE: wire.one_line(error.type),
+            wire.ERROR: wire.one_line(error.message),
+            wire.ATTEMPTS: str(attempt),
+            wire.ORIGINAL_SUBJECT: msg.subject,
+            wire.DIED_AT: wire.now_rfc3339(),
+        }
+    )
+    if error.traceback:
+        headers[wire.TRACEBACK] = wire.json_header(error.traceback)
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
