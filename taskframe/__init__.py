@@ -14,6 +14,7 @@ from taskframe.errors import (
     Retry,
     TaskFailed,
     TaskframeError,
+    UnreachableError,
 )
 from taskframe.models import Event, Task
 from taskframe.results import ErrorInfo, TaskState, TaskStatus
@@ -50,4 +51,5 @@ __all__ = [
     "Retry",
     "TaskFailed",
     "TaskframeError",
+    "UnreachableError",
 ]

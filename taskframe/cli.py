@@ -24,12 +24,15 @@ from taskframe.client import Client, connect
 from taskframe.cluster import NatsCluster, fixed_specs, free_specs
 from taskframe.deadletters import dead_letters
 from taskframe.deadletters import replay as replay_letter
-from taskframe.errors import TaskframeError
+from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.schedules import stored_schedules
 from taskframe.server import NatsServer, default_config
 from taskframe.settings import DEFAULT_URL
 from taskframe.supervisor import announce_ready, supervise
 from taskframe.worker import Worker
+
+log = logging.getLogger("taskframe.cli")
+_MAX_WAIT = 10.0  # seconds between tries at most while a worker waits for its server
 
 cli = typer.Typer(
     name="taskframe",
@@ -110,7 +113,8 @@ def worker(
         raise typer.Exit(supervise(command, processes))
 
     async def main() -> None:
-        async with connect(url, namespace=the_app.namespace) as client:
+        client = await _wait_for_server(url, the_app.namespace)
+        try:
             running = Worker(the_app, client, queues=queue, concurrency=concurrency, grace=grace)
             ready = asyncio.create_task(running.ready.wait())
             ready.add_done_callback(lambda _: announce_ready())
@@ -118,8 +122,25 @@ def worker(
                 await running.run(handle_signals=True)
             finally:
                 ready.cancel()
+        finally:
+            await client.close()
 
     _run(main())
+
+
+async def _wait_for_server(url: str | None, namespace: str) -> Client:
+    """Connect, waiting as long as no server answers: a worker may start before its server.
+
+    A refused login or certificate still ends the worker at once: waiting will not help.
+    """
+    delay = 1.0
+    while True:
+        try:
+            return await connect(url, namespace=namespace).open()
+        except UnreachableError as exc:
+            log.warning("%s; trying again in %.0fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _MAX_WAIT)
 
 
 @cli.command()

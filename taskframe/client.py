@@ -31,6 +31,7 @@ from taskframe.errors import (
     PublishError,
     ResultTimeoutError,
     TaskFailed,
+    UnreachableError,
 )
 from taskframe.models import Event, Task, check_token, result_adapter
 from taskframe.permissions import Connection, refusal
@@ -150,8 +151,9 @@ class Client:
     async def open(self) -> Self:
         """Connect to NATS. Reconnects forever after a lost connection.
 
-        Raises `ConnectError` if no server answers or one refuses the login or TLS, and
-        `PermissionDeniedError` if the user may not receive replies on its inbox prefix.
+        Raises `UnreachableError` (a `ConnectError`) if no server answers, `ConnectError`
+        if one refuses the login or TLS, and `PermissionDeniedError` if the user may not
+        receive replies on its inbox prefix.
         """
         options = self.settings.connect_options()
         nc = Connection(options.get("inbox_prefix"))
@@ -163,7 +165,9 @@ class Client:
             reason = refusal(exc) if not nc.is_connected else None
             if reason is not None and not refused.done():
                 refused.set_result(reason)
-            log.warning("nats error: %r", exc)
+            # Refused before the first connection: the UnreachableError will say it once.
+            quiet = reason is None and self._nc is None and isinstance(exc, OSError)
+            log.log(logging.DEBUG if quiet else logging.WARNING, "nats error: %r", exc)
 
         async def on_disconnect() -> None:
             if not (nc.is_closed or nc.is_draining):
@@ -207,7 +211,7 @@ class Client:
             connecting.result()
         except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
             reason = f": {refused.result()}" if refused.done() else ""
-            raise ConnectError(
+            raise UnreachableError(
                 f"cannot reach NATS at {self._safe_url()}: {exc!r}{reason} "
                 "(is a server running? `taskframe server` starts one)"
             ) from exc

@@ -28,7 +28,11 @@ class ConfigError(TaskframeError):
 
 
 class ConnectError(TaskframeError):
-    """NATS could not be reached."""
+    """NATS could not be reached, refused the login, or JetStream did not answer."""
+
+
+class UnreachableError(ConnectError):
+    """No NATS server answered at all: none is running there, or not yet."""
 
 
 class PermissionDeniedError(TaskframeError):

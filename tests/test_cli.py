@@ -12,7 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from taskframe import App, Client, Context, TaskState
+from taskframe import App, Client, Context, TaskState, connect
 from taskframe.server import NatsServer
 from taskframe.testing import running_worker
 from taskframe.topology import WORKERS, dead_stream, queue_stream, results_bucket
@@ -203,6 +203,25 @@ async def test_server_command_serves_until_sigint_then_exits_0(
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert (tmp_path / "store" / "jetstream").is_dir()
+
+
+async def test_a_worker_started_before_its_server_waits_for_it(
+    tmp_path: Path, namespace: str, procs: Procs
+) -> None:
+    with socket.socket() as probe:  # a free port, for a server that is not there yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = procs.worker(f"nats://127.0.0.1:{port}")
+    await worker.wait_log("cannot reach NATS .* trying again in 1s")
+    await worker.wait_log("trying again in 2s")
+    assert worker.alive
+    with NatsServer(port=port, store_dir=tmp_path / "late") as server:
+        await worker.wait_log("worker ready", timeout=20)
+        async with connect(server.url, namespace=namespace) as client:
+            run = await client.enqueue(Work())
+            assert await run.result(timeout=10) == run.id
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait_exit() == 0
 
 
 async def test_worker_processes_share_the_work_are_restarted_and_stop_on_sigterm(
