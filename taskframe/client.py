@@ -395,9 +395,7 @@ class Client:
         if self._kv is None:
             bucket = topology.results_bucket(self.namespace)
             try:
-                self._kv = await topology.answered(
-                    f"bucket {bucket}", lambda: self.js.key_value(bucket)
-                )
+                self._kv = await topology.answered(f"bucket {bucket}", self.js.key_value, bucket)
             except NotFoundError:
                 return None
         return self._kv
@@ -413,7 +411,7 @@ class Client:
         if kv is None:
             return None
         try:
-            entry = await topology.answered(f"status of {task_id}", lambda: kv.get(task_id))
+            entry = await topology.answered(f"status of {task_id}", kv.get, task_id)
         except NotFoundError:
             return None
         except APIError as exc:

@@ -57,7 +57,7 @@ from taskframe.errors import ConfigError, ConnectError
 from taskframe.models import check_token
 from taskframe.publish import TRANSIENT
 from taskframe.settings import Settings
-from taskframe.topology import META_KIND, META_NAMESPACE
+from taskframe.topology import META_KIND, META_NAMESPACE, answered
 
 __all__ = ["RateLimit", "RateLimiter", "rate_stream"]
 
@@ -173,10 +173,11 @@ class RateLimiter:
         # holds (the largest wins, since nobody shrinks it).
         for _ in range(5):
             try:
-                info = await self._js.stream_info(stream)
+                info = await answered(f"stream {stream}", self._js.stream_info, stream)
             except NotFoundError:
                 try:
-                    await self._js.add_stream(rate_config(self._settings, need))
+                    config = rate_config(self._settings, need)
+                    await answered(f"stream {stream}", self._js.add_stream, config)
                     return
                 except APIError as exc:
                     if exc.err_code == 10058:  # created meanwhile by another worker: re-read
@@ -191,7 +192,8 @@ class RateLimiter:
             if not have.max_age or have.max_age >= need - 1e-6:
                 return
             try:
-                await self._js.update_stream(dataclasses.replace(have, max_age=need))
+                config = dataclasses.replace(have, max_age=need)
+                await answered(f"stream {stream}", self._js.update_stream, config)
             except APIError as exc:
                 raise ConfigError(f"cannot update stream {stream}: {exc.description}") from exc
         raise ConfigError(f"stream {stream} kept changing while setting its max_age")

@@ -54,17 +54,23 @@ async def reconcile(client: Client, app: App, queues: Iterable[str]) -> None:
     for queue in queues:
         stream = topology.queue_stream(ns, queue)
         prefix = _prefix(ns, queue)
-        info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
+        info = await topology.answered(
+            f"stream {stream}", js.stream_info, stream, subjects_filter=f"{prefix}>"
+        )
         stored = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
         declared = {p.name: p for p in app.schedules.values() if p.queue == queue}
         for name in sorted(stored - declared.keys()):
-            await js.purge_stream(stream, subject=prefix + name)
+            subject = prefix + name
+            await topology.answered(f"schedule {subject}", js.purge_stream, stream, subject=subject)
             log.info("removed schedule %s from queue %s: no longer declared", name, queue)
         for name, periodic in sorted(declared.items()):
             headers = _headers(ns, periodic)
             body = wire.encode(periodic.task)
             if name in stored:
-                last = await js.get_last_msg(stream, prefix + name)
+                subject = prefix + name
+                last = await topology.answered(
+                    f"schedule {subject}", js.get_last_msg, stream, subject
+                )
                 have = last.headers or {}
                 if last.data == body and all(have.get(k) == v for k, v in headers.items()):
                     continue
@@ -92,10 +98,15 @@ async def stored_schedules(js: JetStreamContext, namespace: str | None) -> list[
     now = datetime.now(UTC)
     for ns, queue, info in await topology.queue_streams(js, namespace):
         prefix = _prefix(ns, queue)
-        details = await js.stream_info(info.config.name or "", subjects_filter=f"{prefix}>")
+        stream = info.config.name or ""
+        details = await topology.answered(
+            f"stream {stream}", js.stream_info, stream, subjects_filter=f"{prefix}>"
+        )
         for subject in sorted(details.state.subjects or {}):
             try:
-                msg = await js.get_last_msg(info.config.name or "", subject)
+                msg = await topology.answered(
+                    f"schedule {subject}", js.get_last_msg, stream, subject
+                )
             except NotFoundError:  # fired or removed meanwhile
                 continue
             headers = msg.headers or {}

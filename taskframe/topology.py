@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -45,6 +45,7 @@ META_QUEUE = "taskframe.queue"
 META_KIND = "taskframe.kind"
 _API_ATTEMPTS = 4
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def queue_stream(namespace: str, queue: str) -> str:
@@ -232,8 +233,10 @@ def _differences(
     return diffs
 
 
-async def answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, again when JetStream does not answer (a cluster electing a leader).
+async def answered(
+    what: str, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """`call(*args, **kwargs)`, again when JetStream does not answer (a cluster electing a leader).
 
     In a cluster, a request about a stream that another client is creating at this
     moment, or whose leader is being elected, goes unanswered, or is answered 503
@@ -243,7 +246,7 @@ async def answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
     """
     for attempt in range(_API_ATTEMPTS):
         try:
-            return await call()
+            return await call(*args, **kwargs)
         except (
             nats.errors.TimeoutError,
             nats.errors.NoRespondersError,
@@ -258,7 +261,7 @@ async def answered(what: str, call: Callable[[], Awaitable[T]]) -> T:
 async def ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
     """Create the stream `want`, or bring an existing one in line with it."""
     assert want.name is not None
-    await answered(f"stream {want.name}", lambda: _ensure_stream(js, want))
+    await answered(f"stream {want.name}", _ensure_stream, js, want)
 
 
 async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
@@ -297,9 +300,7 @@ async def ensure_consumer(
 ) -> js_api.ConsumerInfo:
     """Create the durable consumer `want`, or update it in place (the server's create-or-update)."""
     try:
-        return await answered(
-            f"consumer {want.name} on {stream}", lambda: js.add_consumer(stream, want)
-        )
+        return await answered(f"consumer {want.name} on {stream}", js.add_consumer, stream, want)
     except APIError as exc:
         raise ConfigError(
             f"cannot create consumer {want.name} on {stream}: {exc.description}"
@@ -328,9 +329,9 @@ async def ensure_lanes(
     stream = queue_stream(settings.namespace, queue)
     wanted = lane_configs(settings, queue, options, max_in_flight)
     names = {config.name for _, config in wanted}
-    for info in await js.consumers_info(stream):
+    for info in await answered(f"consumers of {stream}", js.consumers_info, stream):
         if info.name.startswith(f"{WORKERS}-") and info.name not in names:
-            await js.delete_consumer(stream, info.name)
+            await answered(f"consumer {info.name}", js.delete_consumer, stream, info.name)
     for _, config in wanted:
         await ensure_consumer(js, stream, config)
 
@@ -340,7 +341,7 @@ async def queue_streams(
 ) -> list[tuple[str, str, js_api.StreamInfo]]:
     """(namespace, queue, stream info) of every taskframe queue (of `namespace`, if given)."""
     found = []
-    for info in await js.streams_info():
+    for info in await answered("the streams", js.streams_info):
         meta = info.config.metadata or {}
         ns, queue = meta.get(META_NAMESPACE), meta.get(META_QUEUE)
         if meta.get(META_KIND) != "queue" or ns is None or queue is None:

@@ -15,6 +15,7 @@ While a message is held, the worker renews its lease with `in_progress()` every 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -33,7 +34,15 @@ from taskframe.claims import Claims, Outcome
 from taskframe.client import Client
 from taskframe.context import Context
 from taskframe.deadletters import dead_letter_headers
-from taskframe.errors import ConfigError, Reject, Retry, TaskframeError
+from taskframe.errors import (
+    ConfigError,
+    ConnectError,
+    PayloadTooLargeError,
+    PublishError,
+    Reject,
+    Retry,
+    TaskframeError,
+)
 from taskframe.feed import Credit, Feed
 from taskframe.leases import Lease, Leases
 from taskframe.pools import Buffer, Pool, Route
@@ -43,6 +52,7 @@ from taskframe.results import ErrorInfo, TaskState, status_record
 from taskframe.timeouts import AttemptTimeout, Watchdog
 
 log = logging.getLogger("taskframe.worker")
+_MAX_PROVISION_WAIT = 10.0  # seconds between provisioning tries at most
 
 
 @dataclass
@@ -138,7 +148,9 @@ class Worker:
                 loop.add_signal_handler(sig, self.stop)
         self._threads = ThreadPoolExecutor(min(self.concurrency, 64), "taskframe")
         try:
-            routes = await self.provision()
+            routes = await self._provision_when_possible()
+            if routes is None:
+                return  # stopped before JetStream answered
             async with asyncio.TaskGroup() as group:
                 for pool_routes in routes:
                     await self._start_pool(group, pool_routes)
@@ -167,6 +179,25 @@ class Worker:
                     loop.remove_signal_handler(sig)
             self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker stopped: %r", self)
+
+    async def _provision_when_possible(self) -> list[list[Route]] | None:
+        """`provision()`, again while JetStream does not answer; None if stopped meanwhile.
+
+        A worker may start while its cluster has no quorum or elects a leader: it waits for
+        JetStream instead of exiting. A refused permission or a conflicting setting fails.
+        """
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                return await self.provision()
+            except PayloadTooLargeError:
+                raise
+            except (ConnectError, PublishError) as exc:
+                log.warning("cannot provision yet (%s); trying again in %.0fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(2 * delay, _MAX_PROVISION_WAIT)
+        return None
 
     async def provision(self) -> list[list[Route]]:
         """Create or update the streams, consumers, groups and schedules this worker serves.

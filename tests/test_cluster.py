@@ -349,11 +349,16 @@ async def test_quorum_loss_fails_enqueues_clearly_and_recovers_every_acknowledge
             with pytest.raises(ResultTimeoutError):
                 await other.handle(Work, "never-enqueued").result(timeout=2.0)
 
+        # A worker started during the outage waits for JetStream instead of exiting.
+        late = cluster_worker(procs, cluster, concurrency=4)
+        await late.wait_log("cannot provision yet", timeout=40)
+
         for victim in victims:
             await asyncio.to_thread(cluster.start_node, victim)
         restarted = time.monotonic()
         await asyncio.to_thread(cluster.wait_healthy)
         healthy = time.monotonic() - restarted
+        await late.wait_log("worker ready", timeout=30)
         deadline = time.monotonic() + 30
         while await producer.enqueue() is None:
             assert time.monotonic() < deadline, f"no enqueue confirmed: {producer.failed[-1]}"
@@ -379,7 +384,7 @@ async def test_quorum_loss_fails_enqueues_clearly_and_recovers_every_acknowledge
     assert figures["lost"] == 0
     assert figures["no_result"] == 0
     assert figures["dead"] == 0
-    assert all(worker.alive for worker in workers)
+    assert all(worker.alive for worker in [*workers, late])
 
 
 @pytest.mark.timeout(120)
