@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from taskframe.cluster import NatsCluster, fixed_specs, free_specs
 from taskframe.deadletters import dead_letters
 from taskframe.deadletters import replay as replay_letter
 from taskframe.errors import TaskframeError, UnreachableError
+from taskframe.retry import UNTIL_AVAILABLE
 from taskframe.schedules import stored_schedules
 from taskframe.server import NatsServer, default_config
 from taskframe.settings import DEFAULT_URL
@@ -32,7 +34,6 @@ from taskframe.supervisor import announce_ready, supervise
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
-_MAX_WAIT = 10.0  # seconds between tries at most while a worker waits for its server
 
 cli = typer.Typer(
     name="taskframe",
@@ -133,14 +134,14 @@ async def _wait_for_server(url: str | None, namespace: str) -> Client:
 
     A refused login or certificate still ends the worker at once: waiting will not help.
     """
-    delay = 1.0
-    while True:
+    for attempt in itertools.count(1):
         try:
             return await connect(url, namespace=namespace).open()
         except UnreachableError as exc:
-            log.warning("%s; trying again in %.0fs", exc, delay)
+            delay = UNTIL_AVAILABLE.delay(attempt)
+            log.warning("%s; trying again in %.1fs", exc, delay)
             await asyncio.sleep(delay)
-            delay = min(2 * delay, _MAX_WAIT)
+    raise AssertionError("unreachable")
 
 
 @cli.command()

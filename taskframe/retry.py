@@ -26,3 +26,5 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
+# Between a worker's tries while its server, or JetStream, is not there yet.
+UNTIL_AVAILABLE = Backoff(maximum=10.0)

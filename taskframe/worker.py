@@ -49,10 +49,10 @@ from taskframe.pools import Buffer, Pool, Route
 from taskframe.publish import publish_stored
 from taskframe.ratelimit import RateLimit, RateLimiter
 from taskframe.results import ErrorInfo, TaskState, status_record
+from taskframe.retry import UNTIL_AVAILABLE
 from taskframe.timeouts import AttemptTimeout, Watchdog
 
 log = logging.getLogger("taskframe.worker")
-_MAX_PROVISION_WAIT = 10.0  # seconds between provisioning tries at most
 
 
 @dataclass
@@ -186,17 +186,18 @@ class Worker:
         A worker may start while its cluster has no quorum or elects a leader: it waits for
         JetStream instead of exiting. A refused permission or a conflicting setting fails.
         """
-        delay = 1.0
+        attempt = 0
         while not self._stop.is_set():
             try:
                 return await self.provision()
             except PayloadTooLargeError:
                 raise
             except (ConnectError, PublishError) as exc:
-                log.warning("cannot provision yet (%s); trying again in %.0fs", exc, delay)
+                attempt += 1
+                delay = UNTIL_AVAILABLE.delay(attempt)
+                log.warning("cannot provision yet (%s); trying again in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(2 * delay, _MAX_PROVISION_WAIT)
         return None
 
     async def provision(self) -> list[list[Route]]:
