@@ -69,8 +69,9 @@ async def start_workers(
 ) -> list[Proc]:
     """Start `count` workers one after the other, each once the previous one is ready.
 
-    One at a time because workers that provision the same new R3 streams at once can
-    time out and exit (notes/cluster-findings.md; test_workers_starting_together_...).
+    One at a time, so that a scenario starts from ready workers without the retries of
+    workers creating the same new R3 streams at once (test_workers_starting_together_...
+    covers those).
     """
     workers = []
     for _ in range(count):
