@@ -449,7 +449,7 @@ class Client:
         try:
             return await self.status(task_id)
         except ConnectError as exc:
-            log.warning("cannot read the status of %s yet: %s", task_id, exc)
+            log.info("cannot read the status of %s yet: %s", task_id, exc)
             return known
 
     def handle(self, model: type[Task[R]], task_id: str) -> TaskRun[R]:
