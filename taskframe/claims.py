@@ -109,7 +109,7 @@ class Claims:
             state = stored.get("state", "")
             if state == "done":
                 record = stored.get("record")
-                return Claim(task_id, Outcome.DONE, seq, record=record and record.encode())
+                return Claim(task_id, Outcome.DONE, seq, record=record.encode() if record else None)
         if state == "running":
             return Claim(task_id, Outcome.BUSY, seq, retry_in=float(self._lease))
         revision = await self._write(task_id, "running", seq, self._lease)
