@@ -51,7 +51,6 @@ class Claim:
     outcome: Outcome
     revision: int = 0
     lost: bool = False
-    retry_in: float = 0.0
     record: bytes | None = None  # a done claim's final status record, if its task keeps one
 
 
@@ -111,10 +110,10 @@ class Claims:
                 record = stored.get("record")
                 return Claim(task_id, Outcome.DONE, seq, record=record.encode() if record else None)
         if state == "running":
-            return Claim(task_id, Outcome.BUSY, seq, retry_in=float(self._lease))
+            return Claim(task_id, Outcome.BUSY, seq)
         revision = await self._write(task_id, "running", seq, self._lease)
         if revision is None:
-            return Claim(task_id, Outcome.BUSY, seq, retry_in=float(self._lease))
+            return Claim(task_id, Outcome.BUSY, seq)
         return Claim(task_id, Outcome.CLAIMED, revision)
 
     async def renew(self, claim: Claim) -> bool:

@@ -36,13 +36,14 @@ def dead_letter_headers(
 ) -> dict[str, str]:
     """The headers of `msg`'s dead letter: its own, and why and when it died.
 
-    Its message id names the delivery and attempt, so a resend of the same dead letter
-    (its confirmation timed out) is stored once.
+    Its message id names the message (its stream sequence), so a message is stored as a
+    dead letter once, however often it is buried (a resend after a confirmation timed out,
+    a redelivery after its termination was lost).
     """
     headers = {k: v for k, v in (msg.headers or {}).items() if k != wire.MSG_ID}
     headers.update(
         {
-            wire.MSG_ID: f"{task_id}:{wire.delivery(msg.reply)[1]}:{attempt}",
+            wire.MSG_ID: f"{task_id}:{wire.delivery(msg.reply)[1]}",
             wire.ID: task_id,
             wire.DEAD_REASON: reason,
             wire.ERROR_TYPE: wire.one_line(error.type),

@@ -10,6 +10,13 @@ not deliver: 100 idle heartbeat, 408 request expired, 409 request ended early (c
 deleted, leadership change, limits), 503 no such consumer. Requests die silently when the
 connection drops, so every reconnect starts over.
 
+Requests expire within half a lease (`ack_wait`) and carry idle heartbeats, so a connection
+that went silent (a half-open TCP connection, a network black hole) is noticed within half
+a lease: the feed then checks the connection with a ping, reconnects if the server does not
+answer, and asks afresh on a new inbox, so deliveries still buffered for the old requests
+are dropped. Each delivery is handed over with the time its oldest open request was sent,
+where its lease starts (see leases.py).
+
 Priority lanes: a lane's feed asks for nothing while a higher lane of its pool still has a
 backlog (each delivery tells how many messages its consumer still has), so lower lanes
 are fetched only once higher ones are drained. The top lane always keeps one request
@@ -23,10 +30,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -35,9 +45,7 @@ from taskframe import wire
 
 log = logging.getLogger("taskframe.feed")
 
-EXPIRES = 30.0
-HEARTBEAT = 5.0
-_SILENCE = 3 * HEARTBEAT  # no word at all for this long: the requests are gone
+EXPIRES = 30.0  # at most; a request lives at most half a lease
 _BACKLOG_FRESH = 1.0  # seconds a reported backlog is trusted (other workers drain it too)
 
 
@@ -70,8 +78,19 @@ class Credit:
         return False
 
 
+@dataclass(slots=True)
+class _Request:
+    """An open pull request: how many messages it is still owed, and when it was sent."""
+
+    owed: int
+    sent: float
+
+
 class Feed:
-    """Keeps pull requests outstanding on `stream`/`consumer` and hands over the messages."""
+    """Keeps pull requests outstanding on `stream`/`consumer` and hands over the messages.
+
+    `deliver(msg, since)` gets each message and the time its lease starts.
+    """
 
     def __init__(
         self,
@@ -79,10 +98,13 @@ class Feed:
         stream: str,
         consumer: str,
         credit: Credit,
-        deliver: Callable[[Msg], None],
+        deliver: Callable[[Msg, float], None],
         recover: Callable[[], Awaitable[None]],
+        ack_wait: float,
     ) -> None:
         self._nc = nc
+        self._expires = min(EXPIRES, ack_wait / 2)
+        self._heartbeat = self._expires / 4
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._info = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
         self._inbox = nc.new_inbox()
@@ -90,7 +112,7 @@ class Feed:
         credit.feeds.append(self)
         self._deliver = deliver
         self._recover = recover
-        self._outstanding: deque[int] = deque()  # per open request, oldest first: still owed
+        self._outstanding: deque[_Request] = deque()  # oldest first
         self._pending = 0
         self._backlog = 0
         self._backlog_at = 0.0
@@ -167,14 +189,34 @@ class Feed:
         """Send pull requests whenever there is room, until `close()`."""
         while not self.stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), HEARTBEAT)
+                await asyncio.wait_for(self._wake.wait(), self._heartbeat)
             self._wake.clear()
             if self.stopping:
                 return
-            if self._lost or (self._pending and time.monotonic() - self._heard > _SILENCE):
+            if self._pending and time.monotonic() - self._heard > self._expires:
+                await self._silent()
+            if self._lost:
                 await self._start_over()
             if wanted := self._wanted():
                 await self._request(wanted)
+
+    async def _silent(self) -> None:
+        """No word from the server for longer than a request lives: is the connection dead?
+
+        Deliveries may still sit in a buffer somewhere on the way (a half-open connection
+        heals later): the next round asks on a new inbox, so they are dropped on arrival.
+        """
+        log.warning(
+            "no word from the server on %s for %.1fs; checking the connection",
+            self._next,
+            time.monotonic() - self._heard,
+        )
+        self.reset(new_inbox=True)
+        try:
+            await self._nc.flush(timeout=math.ceil(self._expires))
+        except Exception as exc:
+            log.warning("server did not answer a ping (%r): reconnecting", exc)
+            await self._nc._process_op_err(nats.errors.StaleConnectionError())
 
     async def _start_over(self) -> None:
         log.info("pull requests on %s lost; checking the consumer and asking again", self._next)
@@ -198,20 +240,25 @@ class Feed:
 
     async def _request(self, batch: int) -> None:
         body = json.dumps(
-            {"batch": batch, "expires": int(EXPIRES * 1e9), "idle_heartbeat": int(HEARTBEAT * 1e9)}
+            {
+                "batch": batch,
+                "expires": int(self._expires * 1e9),
+                "idle_heartbeat": int(self._heartbeat * 1e9),
+            }
         ).encode()
+        sent = time.monotonic()
         try:
             await self._nc.publish(self._next, body, reply=self._inbox)
         except Exception as exc:  # disconnected with a full buffer: ask again later
             log.debug("pull request not sent: %r", exc)
             return
-        self._outstanding.append(batch)
+        self._outstanding.append(_Request(batch, sent))
         self._pending += batch
 
     def _settle(self, count: int) -> None:
         """The oldest open request ended; `count` of its messages will not come."""
         if self._outstanding:
-            self._pending -= self._outstanding.popleft()
+            self._pending -= self._outstanding.popleft().owed
         elif count:
             self._pending = max(0, self._pending - count)
         self._wake.set()
@@ -223,9 +270,15 @@ class Feed:
         headers = msg.headers
         status = headers.get("Status") if headers and not msg.reply else None
         if status is None:
+            # The lease starts when the oldest open request was sent: the server cannot
+            # have delivered before it got that request. Unattributed: assume the oldest
+            # a request could be (they expire within `_expires`).
+            since = self._heard - self._expires  # _heard: now
             if self._outstanding:
-                self._outstanding[0] -= 1
-                if self._outstanding[0] <= 0:
+                oldest = self._outstanding[0]
+                since = oldest.sent
+                oldest.owed -= 1
+                if oldest.owed <= 0:
                     self._outstanding.popleft()
             self._pending = max(0, self._pending - 1)
             self.credit.held += 1
@@ -234,7 +287,7 @@ class Feed:
                 self._backlog_at = time.monotonic()
                 if not self._backlog:
                     self.credit.wake()  # lower lanes may ask now
-            self._deliver(msg)
+            self._deliver(msg, since)
             return
         if status == "100":
             return

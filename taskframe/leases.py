@@ -1,11 +1,19 @@
 """Leases: the messages a worker holds, kept alive until they are settled or lost.
 
 JetStream redelivers a message whose ack does not come within `ack_wait`, and it honours a
-stale ack or `in_progress()` from the worker it took the message from. So a worker renews
-every message it holds with `in_progress()` every third of `ack_wait`, and once it cannot
-be sure the server still counts a message as its own (the process was stopped, the loop
-was blocked, the connection was down past the deadline), it leaves the message alone:
-no ack, no nak, no status written. The server has given it to another worker.
+stale ack from the worker it took the message from. So a worker may settle a message only
+while it can prove, from its own clock, that the server has not yet given the message to
+another worker. A lease is that proof, fenced by the server's answers, never by a send:
+
+- a delivery's lease starts when the pull request it answers was sent (the server cannot
+  have delivered it earlier), so a delivery that sat in a socket buffer arrives with its
+  lease already spent and is dropped;
+- a renewal (`+WPI`) extends the lease only when the server confirms it, and only from when
+  it was sent: a renewal written into a dead socket extends nothing.
+
+So a worker cut off from its server, paused, or with its loop blocked, runs out of lease
+on its own clock before the server redelivers, and then settles nothing: no ack, no nak,
+no status written. docs/guarantees.md spells out the argument.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from taskframe import wire
 from taskframe.claims import Claim
 
 log = logging.getLogger("taskframe.worker")
@@ -29,10 +39,14 @@ class Lease:
 
     msg: Msg
     expires: float
+    key: str = ""
+    """The message's stream and sequence: the same for every delivery of it."""
     lost: bool = False
+    started: bool = False
     claim: Claim | None = None
     running: tuple[str, bytes] | None = None
     """A `running` status to write if the attempt is still running at the next renewal."""
+    renewing: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def valid(self) -> bool:
         """Whether the message is still ours to settle."""
@@ -43,6 +57,7 @@ class Leases:
     """Every lease a worker holds, and the loop that renews them.
 
     Args:
+        nc: the worker's connection (renewals are requests the server answers).
         ack_wait: the consumers' ack_wait, in seconds.
         on_stall: called when the loop stood still longer than `ack_wait`; every lease was
             dropped, and deliveries still on their way are stale.
@@ -54,36 +69,77 @@ class Leases:
 
     def __init__(
         self,
+        nc: NATS,
         ack_wait: float,
         on_stall: Callable[[], None],
         write_running: Callable[[str, bytes], Awaitable[None]],
         on_lost: Callable[[], None],
     ) -> None:
         self.ack_wait = ack_wait
+        self._nc = nc
         self._on_stall = on_stall
         self._on_lost = on_lost
         self._write_running = write_running
         self.renew_claim: Callable[[Claim], Awaitable[bool]] | None = None
         self._held: dict[int, Lease] = {}
+        self._started: dict[str, Lease] = {}  # attempts running here, by message
         self._awake = time.monotonic()  # when the keeper last ran
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def take(self, msg: Msg) -> Lease | None:
-        """Lease a just-delivered message; None if the delivery may already be stale."""
+    def take(self, msg: Msg, since: float) -> Lease | None:
+        """Lease a just-delivered message whose pull request was sent at `since`.
+
+        None if the delivery must not be run: it may already be stale (dropped unsettled;
+        the server redelivers it), or it is a redelivery of a message whose attempt still
+        runs here, which then carries on under this delivery.
+        """
         now = time.monotonic()
         if now - self._awake > self.ack_wait:
             # The loop has not run for longer than a lease (the process was stopped, or a
             # handler blocked the loop): this delivery may have gone to another worker
             # already. The keeper starts over when it wakes.
             return None
-        lease = self._held[id(msg)] = Lease(msg, now + self.ack_wait)
+        expires = since + self.ack_wait
+        if expires <= now:
+            log.warning("delivery on %s arrived after its lease: left to redelivery", msg.subject)
+            return None
+        key = wire.delivery_key(msg.reply)
+        running = self._started.get(key)
+        if running is not None:
+            self._adopt(running, msg, expires)
+            return None
+        lease = self._held[id(msg)] = Lease(msg, expires, key)
         return lease
+
+    def _adopt(self, lease: Lease, msg: Msg, expires: float) -> None:
+        """Carry on a running attempt under a new delivery of its message.
+
+        The server redelivered it because this worker lost the lease (cut off or stalled),
+        yet the attempt still runs here: running it twice, or burying it as lost while it
+        runs, would be wrong. The attempt settles with the new delivery instead.
+        """
+        self._held.pop(id(lease.msg), None)
+        lease.msg, lease.expires, lease.lost = msg, expires, False
+        self._held[id(msg)] = lease
+        log.info(
+            "redelivery of %s, whose attempt still runs here: the attempt carries on",
+            msg.subject,
+        )
+
+    def start(self, lease: Lease) -> None:
+        """The lease's attempt begins: a redelivery of its message is adopted, not run."""
+        lease.started = True
+        self._started[lease.key] = lease
 
     def release(self, lease: Lease) -> None:
         """Stop renewing `lease`: its message was settled (or given up)."""
         self._held.pop(id(lease.msg), None)
+        if lease.started and self._started.get(lease.key) is lease:
+            del self._started[lease.key]
+        if lease.renewing is not None:
+            lease.renewing.cancel()
 
     def still_ours(self, lease: Lease) -> bool:
         """Whether `lease` is valid; if not, count it lost (once) and say so."""
@@ -99,42 +155,63 @@ class Leases:
             log.warning(message, lease.msg.subject)
 
     async def renew(self, lease: Lease) -> None:
-        """Tell the server the message is still being worked on; extend its claim too."""
+        """Extend the lease if the server confirms in time; extend its claim too.
+
+        The new lease runs from when the renewal was sent, and only a confirmation that
+        arrives while the old lease still holds counts: the server then got the renewal
+        before it could have redelivered the message.
+        """
         if not lease.valid():
             return
+        msg, sent = lease.msg, time.monotonic()
         try:
-            await lease.msg.in_progress()
-        except Exception as exc:  # disconnected: the lease runs out unless we reconnect in time
-            log.debug("heartbeat not sent: %r", exc)
+            await self._nc.request(msg.reply, b"+WPI", timeout=lease.expires - sent)
+        except Exception as exc:  # no answer in time: the lease runs out unless a later one
+            log.debug("lease on %s not renewed: %r", msg.subject, exc)
             return
-        lease.expires = time.monotonic() + self.ack_wait
+        if lease.msg is not msg or not lease.valid():
+            return
+        lease.expires = max(lease.expires, sent + self.ack_wait)
         if lease.claim is not None and self.renew_claim is not None:
             await self.renew_claim(lease.claim)
+
+    def _renew_soon(self, lease: Lease) -> None:
+        """Renew in the background: a renewal waits for the server, the keeper must not."""
+        if lease.renewing is None or lease.renewing.done():
+            lease.renewing = asyncio.create_task(self.renew(lease), name="taskframe-renew")
 
     async def keep(self) -> None:
         """Renew what needs renewing, forever; give up what expired."""
         period = self.ack_wait / 3
-        while True:
-            await asyncio.sleep(period / 2)
-            now = time.monotonic()
-            if now - self._awake > self.ack_wait:
-                self._stalled(now - self._awake)
-            self._awake = now
-            for lease in list(self._held.values()):
-                if now >= lease.expires:
-                    self._held.pop(id(lease.msg), None)
-                    self._give_up(
-                        lease,
-                        "lease on %s expired (worker paused or cut off): another worker "
-                        "owns it now; it will not be settled here",
-                    )
-                    continue
-                if lease.running is not None:
-                    task_id, record = lease.running
-                    lease.running = None
-                    await self._write_running(task_id, record)
-                if lease.expires - now < self.ack_wait - period:
-                    await self.renew(lease)
+        try:
+            while True:
+                await asyncio.sleep(period / 2)
+                await self._round(period)
+        finally:
+            for lease in self._held.values():
+                if lease.renewing is not None:
+                    lease.renewing.cancel()
+
+    async def _round(self, period: float) -> None:
+        now = time.monotonic()
+        if now - self._awake > self.ack_wait:
+            self._stalled(now - self._awake)
+        self._awake = now
+        for lease in list(self._held.values()):
+            if now >= lease.expires:
+                self._held.pop(id(lease.msg), None)
+                self._give_up(
+                    lease,
+                    "lease on %s expired (worker paused or cut off): another worker "
+                    "owns it now; it will not be settled here",
+                )
+                continue
+            if lease.running is not None:
+                task_id, record = lease.running
+                lease.running = None
+                await self._write_running(task_id, record)
+            if lease.expires - now < self.ack_wait - period:
+                self._renew_soon(lease)
 
     def _stalled(self, asleep: float) -> None:
         log.warning(

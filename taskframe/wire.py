@@ -144,6 +144,13 @@ def delivery(reply: str) -> tuple[int, int, int]:
     return int(tokens[4 + offset]), int(tokens[5 + offset]), int(tokens[8 + offset])
 
 
+def delivery_key(reply: str) -> str:
+    """`<stream>.<consumer>.<stream sequence>` from an ack subject: one message, any delivery."""
+    tokens = reply.split(".")
+    offset = 2 if len(tokens) >= 11 else 0
+    return f"{tokens[2 + offset]}.{tokens[3 + offset]}.{tokens[5 + offset]}"
+
+
 def encode(model: BaseModel) -> bytes:
     """The body of a message: the model as JSON."""
     return model.model_dump_json().encode()

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from taskframe import schedules, topology, wire
 from taskframe.app import App, Handler
-from taskframe.claims import Claims, Outcome
+from taskframe.claims import Claim, Claims, Outcome
 from taskframe.client import Client
 from taskframe.context import Context
 from taskframe.deadletters import dead_letter_headers
@@ -116,7 +116,9 @@ class Worker:
         self.grace = grace
         self.stats = WorkerStats()
         self._settings = client.settings
-        self._leases = Leases(self._settings.ack_wait, self._stalled, self._record, self._lost)
+        self._leases = Leases(
+            client.nc, self._settings.ack_wait, self._stalled, self._record, self._lost
+        )
         self._pools: list[Pool] = []
         self._claims: Claims | None = None
         self._threads: ThreadPoolExecutor | None = None
@@ -255,6 +257,7 @@ class Worker:
                 pool.credit,
                 functools.partial(self._accept, pool, route),
                 functools.partial(self._recover, route),
+                self._settings.ack_wait,
             )
             pool.feeds.append(feed)
         for feed in pool.feeds:
@@ -278,9 +281,9 @@ class Worker:
             for feed in pool.feeds:
                 feed.reset()
 
-    def _accept(self, pool: Pool, route: Route, msg: Msg) -> None:
-        lease = self._leases.take(msg)
-        if lease is None:  # stale: dropped unsettled
+    def _accept(self, pool: Pool, route: Route, msg: Msg, since: float) -> None:
+        lease = self._leases.take(msg, since)
+        if lease is None:  # stale (dropped unsettled), or adopted by its running attempt
             pool.credit.finished()
             return
         pool.buffer.put(lease, route)
@@ -303,6 +306,7 @@ class Worker:
                     await self._settle(lease, "nak")
                     continue
                 self._started()
+                self._leases.start(lease)
                 try:
                     await self._process(pool, route, lease)
                 finally:
@@ -377,7 +381,9 @@ class Worker:
         if pool.limiter is not None:
             await pool.limiter.acquire()
         if handler.exactly_once and self._claims is not None:
-            claim = await self._claims.claim(task_id)
+            claim = await self._await_claim(lease, task_id)
+            if claim is None:
+                return
             if claim.outcome is Outcome.DONE:
                 if claim.record is not None and handler.keeps_result:
                     # Its first run may have completed without storing its status (broker
@@ -387,11 +393,31 @@ class Worker:
                 if await self._settle(lease, "ack"):
                     self.stats.skipped += 1
                 return
-            if claim.outcome is Outcome.BUSY:
-                await self._settle(lease, "nak", claim.retry_in)
-                return
             lease.claim = claim
         await self._run(route, handler, task, task_id, attempt, lease)
+
+    async def _await_claim(self, lease: Lease, task_id: str) -> Claim | None:
+        """Claim an exactly-once task; while another worker holds the claim, wait for it.
+
+        A claim is busy while its holder runs the task, or was paused or cut off past its
+        message's lease but not yet past the claim's. This delivery is held (and renewed)
+        meanwhile, so waiting spends no attempt; the task is taken over as soon as the claim
+        expires, or acked once it completes. None if the worker stops or the lease is lost.
+        """
+        assert self._claims is not None
+        claim = await self._claims.claim(task_id)
+        if claim.outcome is Outcome.BUSY:
+            log.info("%s is claimed by another attempt; waiting for it to end", task_id)
+        while claim.outcome is Outcome.BUSY:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._settings.ack_wait / 3)
+            if self._stop.is_set():
+                await self._settle(lease, "nak")
+                return None
+            if not self._leases.still_ours(lease):
+                return None
+            claim = await self._claims.claim(task_id)
+        return claim
 
     async def _run(
         self,
@@ -521,7 +547,11 @@ class Worker:
         error: ErrorInfo,
         keeps_result: bool,
     ) -> None:
-        """Store a dead letter, then terminate the message: never the other way round."""
+        """Store a dead letter, then terminate the message: never the other way round.
+
+        A message has one dead letter at most: its id names the message, so burying it again
+        (its termination was lost, say) stores nothing new and leaves its status alone.
+        """
         if not self._leases.still_ours(lease):
             return
         msg = lease.msg
@@ -532,7 +562,9 @@ class Worker:
         else:
             subject = wire.dead_event_subject(ns, route.group or "", name or "unknown")
         try:
-            await publish_stored(self.client.nc, self._settings, subject, msg.data, headers)
+            stored = await publish_stored(
+                self.client.nc, self._settings, subject, msg.data, headers
+            )
         except TaskframeError as exc:
             log.error("dead letter for %s not stored (%s); it goes back to retry", task_id, exc)
             await self._settle(lease, "nak", 5.0)
@@ -546,7 +578,7 @@ class Worker:
             error.type,
             error.message,
         )
-        if keeps_result and route.queue:
+        if keeps_result and route.queue and not stored.duplicate:
             record = status_record(
                 task_id,
                 name,
@@ -554,8 +586,11 @@ class Worker:
                 attempt,
                 error=error.model_copy(update={"reason": reason}),
             )
-            subject = topology.result_subject(ns, task_id)
-            await publish_stored(self.client.nc, self._settings, subject, record)
+            try:
+                subject = topology.result_subject(ns, task_id)
+                await publish_stored(self.client.nc, self._settings, subject, record)
+            except TaskframeError as exc:  # the dead letter is what counts: terminate anyway
+                log.error("status of dead task %s not stored: %s", task_id, exc)
         if await self._settle(lease, "term", reason=f"dead letter: {reason}"):
             self.stats.dead += 1
 
