@@ -57,9 +57,12 @@ async def produce_and_watch(url: str, tasks: int) -> int:
             nonlocal retries
             record = parse_record(msg.data)  # type: ignore[attr-defined]
             retries += record.state is TaskState.FAILED
-            states[record.id] = record.state
+            if record.id not in states or not states[record.id].final:
+                states[record.id] = record.state
 
+        # Final records are the bucket's keys; running and failed ones are stored beside them.
         watcher = await tf.nc.subscribe(f"$KV.{results_bucket(NAMESPACE)}.>", cb=on_status)
+        progress = await tf.nc.subscribe(f"{NAMESPACE}.progress.>", cb=on_status)
         started = time.monotonic()
         file_runs = await tf.enqueue_many(
             HashFile(name=f"scan-{i:05}.tif", size_kb=12288) for i in range(files)
@@ -96,6 +99,7 @@ async def produce_and_watch(url: str, tasks: int) -> int:
         if live:
             print()
         await watcher.unsubscribe()
+        await progress.unsubscribe()
 
         sample = await file_runs[0].result(timeout=5)
         print(f"scan-00000.tif sha256 = {sample}")

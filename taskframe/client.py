@@ -30,6 +30,7 @@ from taskframe.errors import (
     PermissionDeniedError,
     PublishError,
     ResultTimeoutError,
+    StoreFullError,
     TaskFailed,
     UnreachableError,
 )
@@ -314,8 +315,9 @@ class Client:
     ) -> TaskRun[R]:
         """Store `task` in its queue and return a handle on it.
 
-        Returns only once the server confirmed storing the task. Raises `PublishError`
-        when it could not be stored, `PayloadTooLargeError` before sending an over-size one.
+        Returns only once the server confirmed storing the task. Raises `StoreFullError`
+        at once when the server has no room for it, `PublishError` when it refused it or
+        never confirmed it, `PayloadTooLargeError` before sending an over-size one.
 
         Args:
             key: an idempotency key. The task is enqueued at most once per key within the
@@ -329,7 +331,10 @@ class Client:
         """
         run_at = _due(delay, at)
         subject, body, headers, task_id = self._prepare(task, key, priority, run_at)
-        duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
+        try:
+            duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
+        except StoreFullError as exc:
+            raise exc.for_tasks((task_id,)) from exc
         return self._run(task, task_id, duplicate)
 
     async def publish(self, event: Event) -> str:
@@ -337,6 +342,7 @@ class Client:
 
         Returns once the server stored the event. Events published while no group exists
         (no worker or `taskframe provision` has created one) are not kept for anybody.
+        Raises `StoreFullError` at once when the server has no room for it.
         """
         name = type(event).__tf_name__
         event_id = wire.new_task_id()
@@ -360,7 +366,9 @@ class Client:
 
         Returns once the server confirmed storing every one; a task whose confirmation did
         not come is sent again with the same id (no duplicate is stored). Raises
-        `PublishError` if any task could not be stored; the error lists which.
+        `StoreFullError` at once if the server had no room for some (its `task_ids` are the
+        ones not stored; the others were), `PublishError` if any task could not be stored
+        for another reason; the error lists which.
         """
         batch = list(tasks)
         prepared = [self._prepare(t, None, priority) for t in batch]
@@ -374,9 +382,11 @@ class Client:
             futures = [await sender.send(*prepared[i][:3]) for i in waiting]
             if futures:
                 await asyncio.wait(futures, timeout=self.settings.publish_timeout)
-            waiting, missing = _unconfirmed(batch, waiting, futures)
+            waiting, missing, refused = _unconfirmed(batch, waiting, futures)
             if waiting:
                 sender.abandon()
+            if refused:  # the server answered no: resending would be refused again
+                raise _refused(refused, waiting, prepared)
             if not waiting:
                 break
             for queue in sorted(missing):  # no stream answered (deleted, or electing a leader)
@@ -410,13 +420,25 @@ class Client:
         kv = await self._bucket()
         if kv is None:
             return None
+        what = f"status of {task_id}"
         try:
-            entry = await topology.answered(f"status of {task_id}", kv.get, task_id)
+            entry = await topology.answered(what, kv.get, task_id)
+        except NotFoundError:
+            entry = None
+        except APIError as exc:
+            raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
+        if entry is not None and entry.value:
+            return parse_record(entry.value)
+        # No final record: the latest non-final one (running, failed), if any.
+        stream = f"KV_{topology.results_bucket(self.namespace)}"
+        subject = topology.progress_subject(self.namespace, task_id)
+        try:
+            msg = await topology.answered(what, self.js.get_last_msg, stream, subject, True)
         except NotFoundError:
             return None
         except APIError as exc:
             raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
-        return parse_record(entry.value) if entry.value else None
+        return parse_record(msg.data) if msg.data else None
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:
         """Wait until `task_id` reaches a final state and return that status."""
@@ -473,20 +495,48 @@ async def _provisioned(what: str, provisioning: Awaitable[None]) -> None:
 
 def _unconfirmed(
     batch: list[Task[Any]], sent: list[int], futures: list[asyncio.Future[Ack]]
-) -> tuple[list[int], set[str]]:
-    """Which of `sent` were not confirmed, and which queues had no stream."""
-    unconfirmed, missing = [], set()
+) -> tuple[list[int], set[str], list[tuple[int, PublishError]]]:
+    """Which of `sent` were not confirmed, which queues had no stream, which were refused."""
+    unconfirmed, missing, refused = [], set(), []
     for index, future in zip(sent, futures, strict=True):
         if not future.done():
             future.cancel()
             unconfirmed.append(index)
         elif (error := future.exception()) is not None:
+            if isinstance(error, PublishError):
+                refused.append((index, error))
+                continue
             if isinstance(error, NoStreamResponseError):
                 missing.add(type(batch[index]).__tf_queue__)
             elif not isinstance(error, TRANSIENT):
                 raise PublishError(f"server refused a task: {error}") from error
             unconfirmed.append(index)
-    return unconfirmed, missing
+    return unconfirmed, missing, refused
+
+
+def _refused(
+    refused: list[tuple[int, PublishError]],
+    unconfirmed: list[int],
+    prepared: list[tuple[str, bytes, dict[str, str], str]],
+) -> PublishError:
+    """The error of a batch some of whose tasks the server refused: the first refusal's kind.
+
+    It names the refused tasks and, apart, those not confirmed either way; every other task
+    of the batch is stored.
+    """
+    ids = tuple(prepared[i][3] for i, _ in refused)
+    first = refused[0][1]
+    if isinstance(first, StoreFullError) and all(isinstance(e, StoreFullError) for _, e in refused):
+        error: PublishError = first.for_tasks(ids)
+    else:
+        error = PublishError(f"{len(ids)} task(s) refused, ids {list(ids[:10])}: {first}")
+    if unconfirmed:
+        error.add_note(
+            f"{len(unconfirmed)} more not confirmed (may or may not be stored): ids "
+            f"{[prepared[i][3] for i in unconfirmed[:10]]}"
+        )
+    error.__cause__ = first
+    return error
 
 
 def _due(delay: float | None, at: datetime | None) -> datetime | None:

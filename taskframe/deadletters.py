@@ -6,7 +6,9 @@ saying why it died; `taskframe dead` lists them and replays them to their queue.
 
 from __future__ import annotations
 
+import email.header
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -14,10 +16,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskframe import topology, wire
+from taskframe import inbound, topology, wire
 from taskframe.client import Client
 from taskframe.publish import publish_stored
-from taskframe.results import ErrorInfo
+from taskframe.results import ErrorInfo, TaskState, status_record
 
 _DEAD_HEADERS = {
     wire.DEAD_REASON,
@@ -30,6 +32,25 @@ _DEAD_HEADERS = {
     wire.MSG_ID,
 }
 
+# The header names nats-py sends (RFC 7230 tokens): it raises BadHeaderError on any other.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _copied(headers: dict[str, str] | None) -> dict[str, str]:
+    """The delivered headers a dead letter keeps: those it can carry, values made printable.
+
+    Left out: the message id and earlier dead-letter headers (written anew), names nats-py
+    will not send, and `Nats-*` headers, which the server acts on (`Nats-Expected-Stream`,
+    `Nats-Rollup`, ...): copied, they could make it refuse the dead letter itself.
+    """
+    return {
+        name: inbound.printable(value)
+        for name, value in (headers or {}).items()
+        if name not in _DEAD_HEADERS
+        and _HEADER_NAME.fullmatch(name)
+        and not name.lower().startswith("nats-")
+    }
+
 
 def dead_letter_headers(
     msg: Msg, task_id: str, attempt: int, reason: str, error: ErrorInfo
@@ -40,7 +61,7 @@ def dead_letter_headers(
     dead letter once, however often it is buried (a resend after a confirmation timed out,
     a redelivery after its termination was lost).
     """
-    headers = {k: v for k, v in (msg.headers or {}).items() if k != wire.MSG_ID}
+    headers = _copied(msg.headers)
     headers.update(
         {
             wire.MSG_ID: f"{task_id}:{wire.delivery(msg.reply)[1]}",
@@ -49,13 +70,39 @@ def dead_letter_headers(
             wire.ERROR_TYPE: wire.one_line(error.type),
             wire.ERROR: wire.one_line(error.message),
             wire.ATTEMPTS: str(attempt),
-            wire.ORIGINAL_SUBJECT: msg.subject,
+            wire.ORIGINAL_SUBJECT: inbound.printable(msg.subject),
             wire.DIED_AT: wire.now_rfc3339(),
         }
     )
     if error.traceback:
         headers[wire.TRACEBACK] = wire.json_header(error.traceback)
     return headers
+
+
+def fit(headers: dict[str, str], body: bytes, max_payload: int) -> tuple[dict[str, str], bytes]:
+    """A dead letter that fits the server's `max_payload`, cut down in order of least worth.
+
+    A task near the limit grows past it with the dead letter's headers, and an over-size
+    publish costs the worker its connection. Dropped in turn: the traceback, the error
+    text beyond 200 characters, the task's own headers, and last the body itself (its
+    size is then in `Tf-Error`), so that the letter is always stored.
+    """
+    own = set(_copied(headers)) - {wire.ID}
+
+    def size(h: dict[str, str], b: bytes) -> int:
+        return len(b) + wire.header_size(h)
+
+    if size(headers, body) <= max_payload:
+        return headers, body
+    trimmed = {k: v for k, v in headers.items() if k != wire.TRACEBACK}
+    trimmed[wire.ERROR] = trimmed.get(wire.ERROR, "")[:200]
+    if size(trimmed, body) <= max_payload:
+        return trimmed, body
+    trimmed = {k: v for k, v in trimmed.items() if k not in own}
+    if size(trimmed, body) <= max_payload:
+        return trimmed, body
+    trimmed[wire.ERROR] = f"{trimmed[wire.ERROR][:150]} [body of {len(body)} bytes not kept]"
+    return trimmed, b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +129,16 @@ class DeadLetter:
         return json.loads(raw) if raw else None
 
 
+def _text(value: object) -> str:
+    """A header value as read back by nats-py's stream API: a non-ASCII one arrives as an
+    `email.header.Header` of raw bytes, which is UTF-8 (taskframe writes nothing else)."""
+    if isinstance(value, str):
+        return value
+    parts = email.header.decode_header(value)  # type: ignore[arg-type]
+    raw = b"".join(p if isinstance(p, bytes) else p.encode() for p, _ in parts)
+    return raw.decode("utf-8", "replace")
+
+
 async def dead_letters(
     js: JetStreamContext, namespace: str, *, queue: str | None = None, limit: int = 100
 ) -> list[DeadLetter]:
@@ -104,7 +161,7 @@ async def dead_letters(
         subject = msg.subject or ""
         if prefix and not subject.startswith(prefix):
             continue
-        headers = msg.headers or {}
+        headers = {name: _text(value) for name, value in (msg.headers or {}).items()}
         found.append(
             DeadLetter(
                 seq=msg.seq or 0,
@@ -127,11 +184,17 @@ async def dead_letters(
 async def replay(client: Client, letter: DeadLetter) -> None:
     """Enqueue a dead letter again on its original subject, then delete it.
 
-    The task keeps its id (so its status and claim follow it) and starts again at attempt 1.
-    It is enqueued before it is deleted: a crash in between leaves a copy, never nothing.
+    The task keeps its id (so its status and claim follow it) and starts again at attempt 1;
+    its status goes back to `queued` first (its `dead` record is deleted). It is enqueued
+    before the letter is deleted: a crash in between leaves a copy, never nothing.
     """
+    ns, settings, task_id = client.namespace, client.settings, letter.task_id
+    deleted = {"KV-Operation": "DEL"}
+    await publish_stored(client.nc, settings, topology.result_subject(ns, task_id), b"", deleted)
+    queued = status_record(task_id, letter.subject.rsplit(".", 1)[-1], TaskState.QUEUED, 0)
+    await publish_stored(client.nc, settings, topology.progress_subject(ns, task_id), queued)
     headers = {k: v for k, v in letter.headers.items() if k not in _DEAD_HEADERS}
-    headers[wire.ID] = letter.task_id
-    headers[wire.MSG_ID] = f"{letter.task_id}:replay:{letter.seq}"
-    await publish_stored(client.nc, client.settings, letter.original_subject, letter.body, headers)
+    headers[wire.ID] = task_id
+    headers[wire.MSG_ID] = f"{task_id}:replay:{letter.seq}"
+    await publish_stored(client.nc, settings, letter.original_subject, letter.body, headers)
     await client.js.delete_msg(topology.dead_stream(client.namespace), letter.seq)

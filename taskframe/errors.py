@@ -6,6 +6,7 @@
       PermissionDeniedError  the server refused an operation
       PublishError         the server did not confirm that a message was stored
         PayloadTooLargeError   the message exceeds the server's max_payload
+        StoreFullError         no room: the server's, the account's or the stream's store is full
       TaskFailed           a task ended without a result (failed or dead)
       ResultTimeoutError   no result arrived within the time asked for
 
@@ -58,6 +59,65 @@ class PayloadTooLargeError(PublishError):
         super().__init__(
             f"message for {subject} is {size} bytes with headers, "
             f"over the server's max_payload of {max_payload} bytes"
+        )
+
+
+class StoreFullError(PublishError):
+    """The server refused to store a message for lack of room; nothing was stored.
+
+    Its file or memory store (`max_file_store`, `max_memory_store`), the account's
+    JetStream limit, or the stream's own `max_bytes` / `max_msgs` is used up. Raised at
+    once, without retries: sending again is refused too until room is made, which workers
+    draining a backlog do by themselves (or an operator, raising a limit).
+
+    Attributes:
+        subject: where the message was sent.
+        description: the server's words, e.g. "insufficient resources".
+        code: the server's status code (503; 400 for an account's limit).
+        err_code: the server's JetStream error code: `SERVER_FULL`, `ACCOUNT_FULL` or
+            `STREAM_FULL`.
+        stream: the stream that refused, when the server named it.
+        task_ids: the tasks that were not stored (set by `enqueue` and `enqueue_many`).
+    """
+
+    SERVER_FULL = 10023
+    """The server's `max_file_store` or `max_memory_store` is used up ("insufficient resources")."""
+    ACCOUNT_FULL = 10002
+    """The account's JetStream storage limit is used up."""
+    STREAM_FULL = 10077
+    """The stream's `max_bytes` or `max_msgs` is reached and it discards new messages."""
+
+    def __init__(
+        self,
+        subject: str,
+        description: str,
+        code: int,
+        err_code: int,
+        stream: str | None = None,
+        task_ids: tuple[str, ...] = (),
+    ) -> None:
+        self.subject = subject
+        self.description = description
+        self.code = code
+        self.err_code = err_code
+        self.stream = stream
+        self.task_ids = task_ids
+        if err_code == self.SERVER_FULL:
+            why = "the server's JetStream store is full"
+        elif err_code == self.ACCOUNT_FULL:
+            why = "the account's JetStream storage limit is reached"
+        else:
+            why = f"stream {stream or '?'} is at its limit"
+        tasks = f"; {len(task_ids)} task(s) not stored: {list(task_ids[:10])}" if task_ids else ""
+        super().__init__(
+            f"no room to store a message on {subject}: {why} "
+            f"(server: {description!r}, code {code}, err_code {err_code}){tasks}"
+        )
+
+    def for_tasks(self, task_ids: tuple[str, ...]) -> StoreFullError:
+        """The same refusal, naming the tasks that were not stored."""
+        return StoreFullError(
+            self.subject, self.description, self.code, self.err_code, self.stream, task_ids
         )
 
 

@@ -29,6 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from taskframe.errors import PermissionDeniedError
+from taskframe.tolerant import TolerantClient
 
 __all__ = ["Connection", "Denials", "Violation", "explain", "refusal", "watch"]
 
@@ -255,8 +256,11 @@ class Denials:
         return True
 
 
-class Connection(NATS):
-    """A nats-py client whose requests fail at once with `PermissionDeniedError` when refused."""
+class Connection(TolerantClient):
+    """A nats-py client whose requests fail at once with `PermissionDeniedError` when refused.
+
+    It is a `TolerantClient`: its read loop survives any message the server delivers.
+    """
 
     def __init__(self, inbox_prefix: str | None = None) -> None:
         super().__init__()

@@ -3,6 +3,12 @@
 A message that got no confirmation may or may not be stored. Resending it with the same
 `Nats-Msg-Id` is safe inside the stream's duplicate window, so unconfirmed publishes are
 retried a few times before the caller hears of it.
+
+A refusal is different: the server answered, and nothing was stored. It is raised at once,
+never retried: `StoreFullError` when there is no room (the server's store, the account's
+limit or the stream's own limit is used up), `PublishError` with the server's description
+for anything else. Only a server that did not answer, or answered that JetStream is
+briefly unavailable (a cluster electing a leader), is tried again.
 """
 
 from __future__ import annotations
@@ -13,14 +19,15 @@ import json
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from taskframe import wire
-from taskframe.errors import PayloadTooLargeError, PublishError
+from taskframe.errors import PayloadTooLargeError, PublishError, StoreFullError
 from taskframe.permissions import watch
 from taskframe.settings import Settings
 
@@ -35,8 +42,37 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+_STREAM_LIMITS = frozenset({"maximum bytes exceeded", "maximum messages exceeded"})
+"""Descriptions of err_code 10077 (the server's "store failed: {reason}") that mean no room.
+
+Not "maximum messages per subject exceeded": that refuses one subject, not for lack of room.
+"""
+_UNAVAILABLE = 10008  # "JetStream system temporarily unavailable": a cluster without a leader
+
+
 class StreamMissingError(PublishError):
     """No stream stores the subject (the server had no responder for it)."""
+
+
+def refusal(subject: str, error: dict[str, Any], stream: str | None = None) -> Exception:
+    """The exception for the error the server answered a publish on `subject` with.
+
+    `StoreFullError` when it has no room; nats-py's `ServiceUnavailableError` (which
+    `publish_stored` retries) when JetStream is briefly unavailable; else a `PublishError`
+    with the server's description.
+    """
+    code = int(error.get("code") or 0)
+    err_code = int(error.get("err_code") or 0)
+    description = str(error.get("description") or "")
+    if err_code in (StoreFullError.SERVER_FULL, StoreFullError.ACCOUNT_FULL) or (
+        err_code == StoreFullError.STREAM_FULL and description in _STREAM_LIMITS
+    ):
+        return StoreFullError(subject, description, code, err_code, stream)
+    if code == 503 and err_code in (0, _UNAVAILABLE):
+        return ServiceUnavailableError(code=code, err_code=err_code, description=description)
+    return PublishError(
+        f"server refused message on {subject}: {description} (code {code}, err_code {err_code})"
+    )
 
 
 def check_size(subject: str, body: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
@@ -73,7 +109,7 @@ class Publisher:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = ""
-        self._futures: dict[str, asyncio.Future[Ack]] = {}
+        self._futures: dict[str, tuple[asyncio.Future[Ack], str]] = {}
         self._sequence = itertools.count()
         self._room = asyncio.Event()
         self._room.set()
@@ -81,7 +117,7 @@ class Publisher:
     async def send(
         self, subject: str, body: bytes, headers: dict[str, str] | None
     ) -> asyncio.Future[Ack]:
-        """Publish; the returned future resolves to the `Ack`, or raises the server's error."""
+        """Publish; the returned future resolves to the `Ack`, or to the error of `refusal`."""
         if not self._prefix:
             prefix = self._nc.new_inbox() + "."
             await self._nc.subscribe(prefix + "*", cb=self._on_reply, pending_msgs_limit=-1)
@@ -91,7 +127,7 @@ class Publisher:
             await self._room.wait()
         token = str(next(self._sequence))
         future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
-        self._futures[token] = future
+        self._futures[token] = (future, subject)
         try:
             await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
         except BaseException:
@@ -101,27 +137,38 @@ class Publisher:
 
     def abandon(self) -> None:
         """Forget confirmations nobody waits for any more (futures cancelled on a timeout)."""
-        self._futures = {t: f for t, f in self._futures.items() if not f.done()}
+        self._futures = {t: fs for t, fs in self._futures.items() if not fs[0].done()}
         self._room.set()
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        """Resolve the future `msg` answers. Never raises: nats-py would only log it, and
+        the future would wait out its timeout."""
+        waiting = self._futures.pop(msg.subject[len(self._prefix) :], None)
         if len(self._futures) < self.WINDOW:
             self._room.set()
-        if future is None or future.done():
+        if waiting is None or waiting[0].done():
             return
+        future, subject = waiting
         data = msg.data
         if not data:  # a status: 503 means no stream listens on the subject
             status = (msg.headers or {}).get("Status", "")
             future.set_exception(
                 NoStreamResponseError() if status == "503" else ServiceUnavailableError()
             )
-        elif b'"error"' in data:
-            future.set_exception(APIError.from_error(json.loads(data)["error"]))
-        elif b'"duplicate"' in data:  # rare: parse it (the server writes `"duplicate": true`)
-            future.set_result(_DUPLICATE if json.loads(data).get("duplicate") else _STORED)
-        else:  # {"stream":...,"seq":...}: stored, and that is all a caller needs
-            future.set_result(_STORED)
+        elif b'"error"' not in data and b'"duplicate"' not in data:
+            future.set_result(_STORED)  # {"stream":...,"seq":...}: all a caller needs
+        else:  # rare: parse it (the server writes `"duplicate": true`)
+            try:
+                reply = json.loads(data)
+                error = reply.get("error")
+                if error is not None:
+                    future.set_exception(refusal(subject, error, reply.get("stream")))
+                else:
+                    future.set_result(_DUPLICATE if reply.get("duplicate") else _STORED)
+            except (ValueError, TypeError, AttributeError) as exc:
+                failure = PublishError(f"unreadable confirmation for {subject}: {data[:200]!r}")
+                failure.__cause__ = exc
+                future.set_exception(failure)
 
 
 _publishers: weakref.WeakKeyDictionary[NATS, Publisher] = weakref.WeakKeyDictionary()
@@ -144,8 +191,9 @@ async def publish_stored(
 ) -> Ack:
     """Publish and wait for the server's confirmation, resending on timeouts.
 
-    Raises `StreamMissingError` if no stream takes `subject`, `PublishError` if the server
-    refused the message or never confirmed it.
+    Raises `StreamMissingError` if no stream takes `subject`, `StoreFullError` at once if
+    the server has no room for it, `PublishError` at once if the server refused it for
+    another reason, and after `publish_attempts` if it never confirmed it.
     """
     last: BaseException | None = None
     for attempt in range(settings.publish_attempts):
@@ -164,8 +212,6 @@ async def publish_stored(
             last = exc
             log.warning("no confirmation for %s (attempt %d): %r", subject, attempt + 1, exc)
             await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-        except APIError as exc:
-            raise PublishError(f"server refused message on {subject}: {exc.description}") from exc
     raise PublishError(
         f"no confirmation for {subject} after {settings.publish_attempts} attempts; "
         "it may or may not be stored (enqueue again with the same key to be sure)"

@@ -9,6 +9,11 @@ One KV key per task id holds the latest record, a JSON object:
 The states run queued → running → (failed → running)* → succeeded | dead. `failed` means
 an attempt failed and another is scheduled; `dead` means the task is in the dead-letter
 stream and will not run again.
+
+Final records (succeeded, dead) are the bucket's keys. Non-final ones (running, failed) are
+stored in the same stream under `<namespace>.progress.<id>`, outside the keys: a non-final
+write that reaches the server late (it sat in a connection that was cut) cannot replace a
+final record. A reader takes the key, else the progress subject, else `queued`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from taskframe import topology, wire
 from taskframe.app import App, Periodic
 from taskframe.client import Client
 from taskframe.cron import Schedule
+from taskframe.errors import StoreFullError
 from taskframe.publish import publish_stored
 
 log = logging.getLogger("taskframe.schedules")
@@ -49,6 +50,8 @@ async def reconcile(client: Client, app: App, queues: Iterable[str]) -> None:
 
     Creates missing schedules, replaces changed ones and removes those no longer declared.
     Unchanged schedules are left alone, so restarting workers does not shift their ticks.
+    A schedule the store has no room for is left as it is, with an error in the log: a
+    worker that waited for room instead would never start to drain the store.
     """
     js, ns = client.js, client.namespace
     for queue in queues:
@@ -74,7 +77,13 @@ async def reconcile(client: Client, app: App, queues: Iterable[str]) -> None:
                 have = last.headers or {}
                 if last.data == body and all(have.get(k) == v for k, v in headers.items()):
                     continue
-            await publish_stored(client.nc, client.settings, prefix + name, body, headers)
+            try:
+                await publish_stored(client.nc, client.settings, prefix + name, body, headers)
+            except StoreFullError as exc:
+                log.error(
+                    "schedule %s on queue %s not set (next start tries again): %s", name, queue, exc
+                )
+                continue
             log.info("schedule %s on queue %s set to %s", name, queue, periodic.expression)
 
 

@@ -64,6 +64,17 @@ class Settings(BaseModel):
     """Seconds a task's status and result are kept."""
     dead_ttl: float = Field(default=14 * 86_400.0, gt=0)
     """Seconds a dead letter is kept."""
+    results_max_bytes: int = Field(default=-1, ge=-1)
+    """Bytes the results bucket may hold (-1: no limit); beyond it the oldest records go.
+
+    JetStream reserves the size out of the server's store when the bucket is created: the
+    sum of all reservations on a server must fit in its `max_file_store` (or
+    `max_memory_store`). A reservation does not keep room free at write time: a server
+    whose store other streams filled refuses results too (see `docs/guarantees.md`)."""
+    dead_max_bytes: int = Field(default=-1, ge=-1)
+    """Bytes the dead-letter stream may hold (-1: no limit); beyond it the oldest letters go.
+
+    Reserved out of the server's store like `results_max_bytes`."""
     claim_ttl: float = Field(default=7 * 86_400.0, gt=0)
     """Seconds an exactly-once task's completion is remembered (it never runs again)."""
     ping_interval: float = Field(default=10.0, gt=0)

@@ -3,8 +3,10 @@
     queue q of namespace ns  stream  TF_<ns>_<q>       WorkQueue, subjects <ns>.tasks.<q>.>
                                                        and <ns>.sched.<q>.> (schedules)
     its worker pool          durable pull consumer "workers" (one per lane: "workers-<lane>")
-    dead letters             stream  TF_<ns>_DEAD      Limits, subjects <ns>.dead.>, dead_ttl
-    results and status       KV      TF_<ns>_results   one key per task id, TTL result_ttl
+    dead letters             stream  TF_<ns>_DEAD      Limits, subjects <ns>.dead.>, dead_ttl,
+                                                       dead_max_bytes (oldest go first)
+    results and status       KV      TF_<ns>_results   one key per task id, TTL result_ttl,
+                                                       results_max_bytes (oldest go first)
     exactly-once claims      KV      TF_<ns>_claims    one key per task id, per-message TTLs
     events                   stream  TF_<ns>_EVENTS    Interest, subjects <ns>.events.>
     a subscriber group g     durable pull consumer "group-<g>" on the events stream
@@ -30,6 +32,7 @@ from taskframe.errors import ConfigError, ConnectError
 from taskframe.settings import Settings
 
 WORKERS = "workers"
+_CANNOT_RESERVE = (10047, 10028)  # "insufficient storage / memory resources available"
 _IMMUTABLE = ("retention", "storage")
 _COMPARED = (
     "subjects",
@@ -37,6 +40,8 @@ _COMPARED = (
     "duplicate_window",
     "max_age",
     "max_msgs_per_subject",
+    "max_bytes",
+    "discard",
     "allow_msg_schedules",
     "allow_msg_ttl",
 )
@@ -84,12 +89,26 @@ def results_bucket(namespace: str) -> str:
 
 
 def result_subject(namespace: str, task_id: str) -> str:
-    """The subject a task's status record is written to (a KV key)."""
+    """The subject a task's final status record is written to (a KV key)."""
     return f"$KV.{results_bucket(namespace)}.{task_id}"
+
+
+def progress_subject(namespace: str, task_id: str) -> str:
+    """The subject a task's non-final status (`running`, `failed`) is written to.
+
+    It is stored in the results bucket's stream but outside its keys, so a late non-final
+    write (one that sat in a cut connection) can never replace a final record.
+    """
+    return f"{namespace}.progress.{task_id}"
 
 
 def _storage(settings: Settings) -> js_api.StorageType:
     return js_api.StorageType.FILE if settings.storage == "file" else js_api.StorageType.MEMORY
+
+
+def _limit(max_bytes: int) -> int:
+    """A size limit as the server reports it back: -1 for none (0 means none too)."""
+    return max_bytes if max_bytes > 0 else -1
 
 
 def queue_config(
@@ -125,7 +144,7 @@ def events_config(settings: Settings) -> js_api.StreamConfig:
 
 
 def dead_config(settings: Settings) -> js_api.StreamConfig:
-    """The dead-letter stream configuration."""
+    """The dead-letter stream configuration: at its size limit, the oldest letters go."""
     ns = settings.namespace
     return js_api.StreamConfig(
         name=dead_stream(ns),
@@ -134,22 +153,29 @@ def dead_config(settings: Settings) -> js_api.StreamConfig:
         storage=_storage(settings),
         num_replicas=settings.replicas,
         max_age=settings.dead_ttl,
+        max_bytes=_limit(settings.dead_max_bytes),
+        discard=js_api.DiscardPolicy.OLD,
         metadata={META_NAMESPACE: ns, META_KIND: "dead"},
     )
 
 
 def results_config(settings: Settings) -> js_api.StreamConfig:
-    """The stream behind the results KV bucket: what `create_key_value` would make, with a TTL."""
+    """The stream behind the results KV bucket: what `create_key_value` would make, with a TTL.
+
+    Unlike a default KV bucket it discards old records, not new ones, at its size limit
+    (`results_max_bytes`): the newest result always fits within the bucket's own limit.
+    """
     bucket = results_bucket(settings.namespace)
     return js_api.StreamConfig(
         name=f"KV_{bucket}",
-        subjects=[f"$KV.{bucket}.>"],
+        subjects=[f"$KV.{bucket}.>", f"{settings.namespace}.progress.>"],
         retention=js_api.RetentionPolicy.LIMITS,
         storage=_storage(settings),
         num_replicas=settings.replicas,
         max_age=settings.result_ttl,
         max_msgs_per_subject=1,
-        discard=js_api.DiscardPolicy.NEW,
+        max_bytes=_limit(settings.results_max_bytes),
+        discard=js_api.DiscardPolicy.OLD,
         allow_rollup_hdrs=True,
         deny_delete=True,
         allow_direct=True,
@@ -159,12 +185,17 @@ def results_config(settings: Settings) -> js_api.StreamConfig:
 
 
 def claims_config(settings: Settings) -> js_api.StreamConfig:
-    """The stream behind the claims bucket: per-message TTLs make abandoned claims expire."""
+    """The stream behind the claims bucket: per-message TTLs make abandoned claims expire.
+
+    No size limit, and discard new: a claim must never be dropped to make room.
+    """
     config = results_config(settings)
     bucket = claims_bucket(settings.namespace)
     config.name = f"KV_{bucket}"
     config.subjects = [f"$KV.{bucket}.>"]
     config.max_age = settings.claim_ttl
+    config.max_bytes = -1
+    config.discard = js_api.DiscardPolicy.NEW
     config.duplicate_window = min(120.0, settings.claim_ttl)
     config.allow_msg_ttl = True
     config.metadata = {META_NAMESPACE: settings.namespace, META_KIND: "claims"}
@@ -274,7 +305,7 @@ async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> Non
         except ServiceUnavailableError:
             raise  # not a refusal of the config: answered() tries again
         except APIError as exc:
-            raise ConfigError(f"cannot create stream {want.name}: {exc.description}") from exc
+            raise ConfigError(f"cannot create stream {want.name}: {_why(want, exc)}") from exc
         return
     have = info.config
     fixed = _differences(have, want, _IMMUTABLE)
@@ -291,8 +322,19 @@ async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> Non
         except APIError as exc:
             diffs = ", ".join(_differences(have, want, _COMPARED))
             raise ConfigError(
-                f"cannot update stream {want.name} ({diffs}): {exc.description}"
+                f"cannot update stream {want.name} ({diffs}): {_why(want, exc)}"
             ) from exc
+
+
+def _why(want: js_api.StreamConfig, exc: APIError) -> str:
+    """The server's reason for refusing `want`, with what to do when it cannot reserve it."""
+    if exc.err_code in _CANNOT_RESERVE and (want.max_bytes or 0) > 0:
+        return (
+            f"{exc.description}: its max_bytes of {want.max_bytes} must be reserved out of the "
+            "server's max_file_store (max_memory_store for memory storage), and less than "
+            "that is unreserved (lower results_max_bytes / dead_max_bytes, or raise the limit)"
+        )
+    return str(exc.description)
 
 
 async def ensure_consumer(

@@ -96,22 +96,6 @@ def event_subject(namespace: str, name: str) -> str:
     return f"{namespace}.events.{name}"
 
 
-def task_name_of(subject: str, headers: dict[str, str] | None) -> str:
-    """The task name of a delivered message: its Tf-Task header, else its subject's 4th token."""
-    if headers and (name := headers.get(TASK)):
-        return name
-    parts = subject.split(".", 4)
-    return parts[3] if len(parts) > 3 else ""
-
-
-def event_name_of(subject: str, headers: dict[str, str] | None) -> str:
-    """The event name of a delivered message: its Tf-Event header, else the subject's tail."""
-    if headers and (name := headers.get(EVENT)):
-        return name
-    parts = subject.split(".", 2)
-    return parts[2] if len(parts) > 2 else ""
-
-
 def task_headers(task_id: str, msg_id: str) -> dict[str, str]:
     """The headers of a task message: as few as possible, since each costs every consumer.
 

@@ -28,12 +28,12 @@ from typing import Any
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from taskframe import schedules, topology, wire
+from taskframe import inbound, schedules, topology, wire
 from taskframe.app import App, Handler
 from taskframe.claims import Claim, Claims, Outcome
 from taskframe.client import Client
 from taskframe.context import Context
-from taskframe.deadletters import dead_letter_headers
+from taskframe.deadletters import dead_letter_headers, fit
 from taskframe.errors import (
     ConfigError,
     ConnectError,
@@ -41,18 +41,20 @@ from taskframe.errors import (
     PublishError,
     Reject,
     Retry,
+    StoreFullError,
     TaskframeError,
 )
 from taskframe.feed import Credit, Feed
 from taskframe.leases import Lease, Leases
 from taskframe.pools import Buffer, Pool, Route
-from taskframe.publish import publish_stored
+from taskframe.publish import Ack, publish_stored
 from taskframe.ratelimit import RateLimit, RateLimiter
 from taskframe.results import ErrorInfo, TaskState, status_record
 from taskframe.retry import UNTIL_AVAILABLE
 from taskframe.timeouts import AttemptTimeout, Watchdog
 
 log = logging.getLogger("taskframe.worker")
+_ROOM_TRIES = 6  # tries to store a record after its task was acked to make room: ~0.3 s
 
 
 @dataclass
@@ -349,13 +351,15 @@ class Worker:
     async def _process(self, pool: Pool, route: Route, lease: Lease) -> None:
         msg = lease.msg
         attempt, seq, _ = wire.delivery(msg.reply)
-        headers = msg.headers
         if route.queue:
-            name = wire.task_name_of(msg.subject, headers)
-            task_id = wire.message_id(headers, f"{route.queue}-{seq}")
+            arrival = inbound.task(msg.subject, msg.headers, f"{route.queue}-{seq}")
         else:
-            name = wire.event_name_of(msg.subject, headers)
-            task_id = wire.message_id(headers, f"event-{seq}")
+            arrival = inbound.event(msg.subject, msg.headers, f"event-{seq}")
+        name, task_id = arrival.name, arrival.task_id
+        if arrival.problem:  # what its producer sent cannot go in a subject or a key: buried
+            error = ErrorInfo(type="InvalidMessage", message=arrival.problem)
+            await self._bury(lease, route, name, task_id, attempt, "invalid", error, True)
+            return
         handler = route.handlers.get(name)
         if handler is None:
             error = ErrorInfo(
@@ -385,12 +389,10 @@ class Worker:
             if claim is None:
                 return
             if claim.outcome is Outcome.DONE:
-                if claim.record is not None and handler.keeps_result:
-                    # Its first run may have completed without storing its status (broker
-                    # away): storing the same final record again is harmless.
-                    subject = topology.result_subject(self.app.namespace, task_id)
-                    await publish_stored(self.client.nc, self._settings, subject, claim.record)
-                if await self._settle(lease, "ack"):
+                # Its first run may have completed without storing its status (broker
+                # away): storing the same final record again is harmless.
+                record = claim.record if handler.keeps_result else None
+                if await self._store_and_ack(lease, task_id, record):
                     self.stats.skipped += 1
                 return
             lease.claim = claim
@@ -428,7 +430,7 @@ class Worker:
         attempt: int,
         lease: Lease,
     ) -> None:
-        name, keeps, ns = handler.name, handler.keeps_result, self.app.namespace
+        name, keeps = handler.name, handler.keeps_result
         ctx = Context(
             task_id=task_id,
             task=name,
@@ -476,11 +478,41 @@ class Worker:
             return
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins
             return
-        if record is not None:
-            subject = topology.result_subject(ns, task_id)
-            await publish_stored(self.client.nc, self._settings, subject, record)
-        if await self._settle(lease, "ack"):
+        if await self._store_and_ack(lease, task_id, record):
             self.stats.succeeded += 1
+
+    async def _store_and_ack(self, lease: Lease, task_id: str, record: bytes | None) -> bool:
+        """Store the task's final status `record` (if any), then ack it; True if acked.
+
+        In a full store only acks make room (a queue's stream deletes what is acked), so a
+        worker that waited for room before acking would hold its tasks forever. A record
+        that finds no room is stored after the ack, in the room the ack made (the server
+        applies an ack a moment after it arrives: a few quick tries), or dropped with a
+        warning if none comes: the task ran, but its result is not kept.
+        """
+        if record is None:
+            return await self._settle(lease, "ack")
+        subject = topology.result_subject(self.app.namespace, task_id)
+        try:
+            await publish_stored(self.client.nc, self._settings, subject, record)
+        except StoreFullError:
+            if not await self._settle(lease, "ack"):
+                return False
+            await self._store_in_freed_room(task_id, subject, record)
+            return True
+        return await self._settle(lease, "ack")
+
+    async def _store_in_freed_room(self, task_id: str, subject: str, record: bytes) -> None:
+        """Store `record` in the room an ack just made, trying a few times; else drop it."""
+        last: StoreFullError | None = None
+        for attempt in range(_ROOM_TRIES):
+            await asyncio.sleep(0.005 * 2**attempt)
+            try:
+                await publish_stored(self.client.nc, self._settings, subject, record)
+                return
+            except StoreFullError as exc:
+                last = exc
+        log.warning("result of %s dropped: the store stayed full (%s)", task_id, last)
 
     async def _call(self, handler: Handler[Any], task: Any, ctx: Context) -> Any:
         """Run the handler under its timeout: on the loop, or in the thread pool if plain."""
@@ -555,19 +587,18 @@ class Worker:
         if not self._leases.still_ours(lease):
             return
         msg = lease.msg
-        headers = dead_letter_headers(msg, task_id, attempt, reason, error)
+        headers, body = fit(
+            dead_letter_headers(msg, task_id, attempt, reason, error),
+            msg.data,
+            self.client.nc.max_payload,
+        )
         ns = self.app.namespace
         if route.queue:
             subject = wire.dead_subject(ns, route.queue, name or "unknown")
         else:
             subject = wire.dead_event_subject(ns, route.group or "", name or "unknown")
-        try:
-            stored = await publish_stored(
-                self.client.nc, self._settings, subject, msg.data, headers
-            )
-        except TaskframeError as exc:
-            log.error("dead letter for %s not stored (%s); it goes back to retry", task_id, exc)
-            await self._settle(lease, "nak", 5.0)
+        stored = await self._store_dead_letter(lease, task_id, subject, body, headers)
+        if stored is None:
             return
         log.warning(
             "%s %s is dead (%s after %d attempt(s)): %s: %s",
@@ -594,10 +625,39 @@ class Worker:
         if await self._settle(lease, "term", reason=f"dead letter: {reason}"):
             self.stats.dead += 1
 
+    async def _store_dead_letter(
+        self, lease: Lease, task_id: str, subject: str, body: bytes, headers: dict[str, str]
+    ) -> Ack | None:
+        """Store a dead letter; None if it was not stored and the message was handed back.
+
+        While the store is full the message is held (its lease renewed) and the letter
+        tried again: handed back, its next delivery would be past its attempts and buried
+        as `lost`, without the error it died of.
+        """
+        waited = 0
+        while True:
+            try:
+                return await publish_stored(self.client.nc, self._settings, subject, body, headers)
+            except StoreFullError as exc:
+                if not waited:
+                    log.warning("dead letter for %s waits for room: %s", task_id, exc)
+                waited += 1
+            except TaskframeError as exc:
+                log.error("dead letter for %s not stored (%s); it goes back to retry", task_id, exc)
+                await self._settle(lease, "nak", 5.0)
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), UNTIL_AVAILABLE.delay(waited))
+            if self._stop.is_set():
+                await self._settle(lease, "nak")
+                return None
+            if not self._leases.still_ours(lease):
+                return None
+
     async def _record(self, task_id: str, record: bytes) -> None:
-        """Write a non-final status without waiting: a later final record supersedes it."""
+        """Write a non-final status without waiting: a final record, if any, supersedes it."""
         try:
-            subject = topology.result_subject(self.app.namespace, task_id)
+            subject = topology.progress_subject(self.app.namespace, task_id)
             await self.client.nc.publish(subject, record)
         except Exception as exc:
             log.debug("status not written: %r", exc)

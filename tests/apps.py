@@ -57,6 +57,8 @@ def build(namespace: str, calls: list[str] | None = None) -> App:
             raise Reject("not worth retrying")
         if job.note == "retry-now":
             raise Retry(delay=0.01)
+        if job.note == "unicode":
+            raise RuntimeError("café ü: handler always raises")
         raise RuntimeError("handler always raises")
 
     @app.handle(Slow, timeout=5.0)

@@ -45,6 +45,18 @@ class Once(Task[str], queue="once"):
     seconds: float = 0.0
 
 
+class Bulky(Task[str], queue="work"):
+    """Returns its task id; `pad` makes it as big as a test needs (to fill a store)."""
+
+    pad: str = ""
+
+
+class BulkyQuiet(Task[None], queue="work", results=False):
+    """Like `Bulky`, fire-and-forget: no result is stored."""
+
+    pad: str = ""
+
+
 class Poison(Task[None], queue="poison"):
     """Kills the worker process that runs it, on every delivery."""
 
@@ -83,6 +95,17 @@ def build_app(namespace: str, ledger: Path | None) -> App:
         await asyncio.sleep(job.seconds)
         note("done", ctx)
         return ctx.task_id
+
+    @app.handle(Bulky)
+    async def bulky(job: Bulky, ctx: Context) -> str:
+        note("start", ctx)
+        note("done", ctx)
+        return ctx.task_id
+
+    @app.handle(BulkyQuiet)
+    async def bulky_quiet(job: BulkyQuiet, ctx: Context) -> None:
+        note("start", ctx)
+        note("done", ctx)
 
     @app.handle(Poison, max_attempts=POISON_ATTEMPTS)
     async def poison(job: Poison, ctx: Context) -> None:

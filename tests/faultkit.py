@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -26,9 +27,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from taskframe import topology
+from taskframe import Client, topology
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.fault_apps:app"
@@ -212,10 +215,15 @@ class Procs:
         *,
         concurrency: int = 4,
         grace: float = 10.0,
-        ack_wait: float = 1.0,
+        ack_wait: float | None = 1.0,
         extra: tuple[str, ...] = (),
+        **env: str,
     ) -> Proc:
-        """Start `python -m taskframe worker tests.fault_apps:app` against `url`."""
+        """Start `python -m taskframe worker tests.fault_apps:app` against `url`.
+
+        `ack_wait=None` leaves the default (10 s); `env` adds variables, for instance
+        TASKFRAME_PING_INTERVAL.
+        """
         return self.spawn(
             *TASKFRAME,
             "worker",
@@ -228,6 +236,7 @@ class Procs:
             str(grace),
             *extra,
             ack_wait=ack_wait,
+            **env,
         )
 
     async def run(
@@ -297,3 +306,181 @@ async def until_drained(js: JetStreamContext, namespace: str, queue: str) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"{queue} not drained: (stored, pending, unacked) = {counts}")
         await asyncio.sleep(0.05)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write to a KV bucket, as a subscriber to the bucket's subjects saw it go by."""
+
+    key: str
+    record: dict[str, Any]
+    """The JSON body: a status record or a claim ({} for a body that is not a JSON object)."""
+    at: float
+    """Wall-clock time it was seen, which is about when the server got it."""
+    conditional: bool = False
+    """A compare-and-set (`Nats-Expected-Last-Subject-Sequence`): the stream may have refused it."""
+    final: bool = True
+    """Written to the bucket's key; False for a non-final status on `<ns>.progress.<id>`."""
+
+    @property
+    def state(self) -> str:
+        """The record's `state` ("" if it has none)."""
+        return str(self.record.get("state", ""))
+
+    @property
+    def attempt(self) -> int:
+        """A status record's `attempt` (0 if it has none)."""
+        return int(self.record.get("attempt", 0))
+
+
+class BucketTap:
+    """Every write to one KV bucket while the tap is open, in the order the server relays them.
+
+        async with BucketTap(client, topology.results_bucket(ns)) as statuses:
+            ...
+            await statuses.caught_up()
+            assert [w.attempt for w in statuses.writes(task_id, "succeeded")] == [2]
+
+    A plain subscription on `$KV.<bucket>.>`, not a KV watcher or an ordered consumer: the
+    buckets keep one message per key, and a consumer that reaches a key after a newer write
+    replaced it never sees the older one, so a burst of stale writes (a worker's buffered
+    bytes arriving after a partition heals) would go unseen. The subscription sees every
+    publish; `caught_up` checks against the stream's sequence that none went by unseen.
+    It also sees publishes the stream refused: status records are written unconditionally,
+    so each one seen was stored, but claims are compare-and-set (`Write.conditional`), so
+    a claim write seen is only a write attempted. The bucket must exist (a worker creates
+    both buckets when it starts).
+    """
+
+    def __init__(self, client: Client, bucket: str, progress: str | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.progress = progress
+        """A prefix of subjects stored in the same stream beside the keys (`<ns>.progress.`)."""
+        self._subs: list[Subscription] = []
+        self._writes: list[Write] = []
+        self._base = 0
+
+    def __repr__(self) -> str:
+        return f"<BucketTap {self.bucket} writes={len(self._writes)}>"
+
+    async def __aenter__(self) -> Self:
+        prefix = f"$KV.{self.bucket}."
+
+        async def seen(msg: Msg) -> None:
+            try:
+                record = json.loads(msg.data) if msg.data else {}
+            except ValueError:
+                record = {}
+            record = record if isinstance(record, dict) else {}
+            conditional = "Nats-Expected-Last-Subject-Sequence" in (msg.headers or {})
+            final = msg.subject.startswith(prefix)
+            key = msg.subject.removeprefix(prefix if final else self.progress or "")
+            self._writes.append(Write(key, record, time.time(), conditional, final))
+
+        nc = self.client.nc
+        for subjects in (prefix, self.progress):
+            if subjects:
+                sub = await nc.subscribe(subjects + ">", cb=seen, pending_msgs_limit=-1)
+                self._subs.append(sub)
+        await nc.flush()  # subscribed before the count starts: nothing stored after it is missed
+        self._base = await self._stored()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()
+
+    async def _stored(self) -> int:
+        info = await self.client.js.stream_info(f"KV_{self.bucket}")
+        return info.state.last_seq
+
+    async def caught_up(self, timeout: float = 10.0) -> None:
+        """Wait until every write the stream stored since the tap opened has been seen."""
+
+        async def seen_all() -> bool:
+            return len(self._writes) >= await self._stored() - self._base
+
+        await until_async(seen_all, f"{self!r} to see every stored write", timeout)
+
+    def writes(self, key: str | None = None, state: str | None = None) -> list[Write]:
+        """The writes seen so far, in order, optionally of one key and one state."""
+        return [
+            w
+            for w in self._writes
+            if (key is None or w.key == key) and (state is None or w.state == state)
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """One acknowledgement a client sent for a delivery (its body's first word)."""
+
+    kind: str
+    """+ACK, -NAK, +TERM, +WPI (in progress) or +NXT."""
+    consumer: str
+    delivered: int
+    """Which delivery of the message it answers: 1 for the first."""
+    stream_seq: int
+    at: float
+
+
+class AckTap:
+    """Every ack, nak, term and in-progress that any client sends for one stream's messages.
+
+    A plain subscription on `$JS.ACK.>`: an acknowledgement is an ordinary publish to the
+    delivery's reply subject, so a second subscriber sees it as the server does. The
+    subject names the delivery count, which tells whose delivery it answered when each
+    delivery went to a known worker (the first ones to worker A, say).
+    """
+
+    SETTLES = ("+ACK", "-NAK", "+TERM")
+
+    def __init__(self, client: Client, stream: str) -> None:
+        self.client = client
+        self.stream = stream
+        self._seen: list[Settle] = []
+        self._sub: Subscription | None = None
+
+    def __repr__(self) -> str:
+        return f"<AckTap {self.stream} seen={len(self._seen)}>"
+
+    async def __aenter__(self) -> Self:
+        async def seen(msg: Msg) -> None:
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or with
+            # <domain>.<account hash> after ACK and a trailing token.
+            tokens = msg.subject.split(".")
+            offset = 2 if len(tokens) >= 11 else 0
+            if len(tokens) < 9 or tokens[2 + offset] != self.stream:
+                return
+            words = msg.data.split(maxsplit=1)
+            kind = words[0].decode(errors="replace") if words else "+ACK"
+            self._seen.append(
+                Settle(
+                    kind,
+                    tokens[3 + offset],
+                    int(tokens[4 + offset]),
+                    int(tokens[5 + offset]),
+                    time.time(),
+                )
+            )
+
+        self._sub = await self.client.nc.subscribe("$JS.ACK.>", cb=seen, pending_msgs_limit=-1)
+        await self.client.nc.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    def seen(
+        self, *, delivered: int | None = None, kinds: tuple[str, ...] = SETTLES
+    ) -> list[Settle]:
+        """Acknowledgements seen so far, of `kinds` (settles by default), of one delivery."""
+        return [
+            s
+            for s in self._seen
+            if s.kind in kinds and (delivered is None or s.delivered == delivered)
+        ]

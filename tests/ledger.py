@@ -37,7 +37,15 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskframe import Client, PayloadTooLargeError, Task, TaskRun, TaskState, wire
+from taskframe import (
+    Client,
+    PayloadTooLargeError,
+    StoreFullError,
+    Task,
+    TaskRun,
+    TaskState,
+    wire,
+)
 from taskframe.server import server_binary
 from tests import faultkit
 
@@ -140,6 +148,7 @@ class Ledger:
         self.acknowledged: dict[str, None] = {}  # a dict keeps the order of enqueue
         self.raised: list[str | None] = []  # ids of enqueues that raised (None: no key)
         self.refused = 0  # rejected before anything was sent: known not stored
+        self.no_room = 0  # refused by the server for lack of room: known not stored
         self.deaths: dict[int, float] = {}
 
     def __repr__(self) -> str:
@@ -161,6 +170,9 @@ class Ledger:
             run = await client.enqueue(task, key=key, **options)
         except PayloadTooLargeError:
             self.refused += 1
+            raise
+        except StoreFullError:
+            self.no_room += 1
             raise
         except Exception:
             self.raised.append(wire.key_task_id(client.namespace, key) if key else None)
@@ -260,6 +272,8 @@ class Ledger:
             notes.append(f"{len(self.raised)} enqueue(s) raised; {len(found)} found stored anyway")
         if self.refused:
             notes.append(f"{self.refused} refused before sending")
+        if self.no_room:
+            notes.append(f"{self.no_room} refused by the server: no room (StoreFullError)")
         return Figures(
             scenario=self.scenario,
             acknowledged=len(ids),

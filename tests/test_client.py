@@ -10,7 +10,10 @@ from taskframe import (
     Task,
     TaskState,
     connect,
+    topology,
 )
+from taskframe.publish import publish_stored
+from taskframe.results import status_record
 from taskframe.server import NatsServer
 from taskframe.testing import running_worker
 from taskframe.topology import queue_stream
@@ -95,3 +98,26 @@ async def test_producer_and_worker_on_separate_connections(
             results = await asyncio.gather(*(r.result(timeout=10) for r in runs))
         assert results == [1, 2, 3]
     assert repr(producer).startswith(f"<Client namespace='{namespace}'")
+
+
+async def test_a_late_progress_record_never_replaces_a_final_one(client: Client) -> None:
+    await topology.ensure_shared(client.js, client.settings)
+    ns, task_id = client.namespace, "late-running"
+    progress = topology.progress_subject(ns, task_id)
+    running = status_record(task_id, "Add", TaskState.RUNNING, 1)
+    await publish_stored(client.nc, client.settings, progress, running)
+    status = await client.status(task_id)
+    assert status is not None
+    assert status.state is TaskState.RUNNING
+
+    done = status_record(task_id, "Add", TaskState.SUCCEEDED, 2, result_json=b"3")
+    await publish_stored(client.nc, client.settings, topology.result_subject(ns, task_id), done)
+    # A `running` write of attempt 1 that sat in a cut connection arrives after the success.
+    await publish_stored(client.nc, client.settings, progress, running)
+    status = await client.status(task_id)
+    assert status is not None
+    assert (status.state, status.attempt, status.result) == (
+        TaskState.SUCCEEDED,
+        2,
+        3,
+    )
