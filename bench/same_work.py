@@ -29,8 +29,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from pydantic import BaseModel
 
-from taskframe import App, Context, Task, Worker, connect
-from taskframe.server import NatsServer
+from taskframe import App, Context, Task, Worker, connect, provision
+from taskframe._server import NatsServer
 
 
 class Noop(Task[None], queue="bench", results=False):
@@ -119,7 +119,7 @@ async def framework(url: str, tag: str, n: int) -> tuple[float, float]:
             done.set()
 
     async with connect(url, namespace=f"same{tag}") as client:
-        await Worker(app, client).provision()  # as raw's stream exists before it publishes
+        await provision(app, client)  # as raw's stream exists before it publishes
         tasks = [Noop(n=i) for i in range(n)]
         started = time.perf_counter()
         await client.enqueue_many(tasks)

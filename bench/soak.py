@@ -46,10 +46,11 @@ from typing import Any
 
 import taskframe
 from bench import soak_app
-from taskframe import topology, wire
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._server import NatsServer, default_config
 from taskframe.client import Client, TaskRun
 from taskframe.errors import ConfigError, TaskframeError
-from taskframe.server import NatsServer, default_config
 
 REPO = Path(__file__).resolve().parent.parent
 READY = "worker ready"

@@ -19,10 +19,10 @@ from nats.js.errors import NotFoundError
 import taskframe
 from examples.tasks import HashFile, SendEmail
 from taskframe import TaskState
-from taskframe.deadletters import dead_letters
-from taskframe.results import parse_record
-from taskframe.server import NatsServer
-from taskframe.topology import WORKERS, queue_stream, results_bucket
+from taskframe._deadletters import dead_letters
+from taskframe._results import parse_record
+from taskframe._server import NatsServer
+from taskframe._topology import WORKERS, queue_stream, results_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "quickstart"

@@ -1,9 +1,14 @@
 """taskframe: typed, asyncio-native tasks and events on NATS JetStream."""
 
-from taskframe.app import App, Handler
+from taskframe._deadletters import DeadLetter
+from taskframe._queues import QueueInfo
+from taskframe._results import ErrorInfo, TaskState, TaskStatus
+from taskframe._retry import Backoff
+from taskframe.app import App
 from taskframe.client import Client, TaskRun, connect
 from taskframe.context import Context
 from taskframe.errors import (
+    AttemptTimeoutError,
     ConfigError,
     ConnectError,
     PayloadTooLargeError,
@@ -13,15 +18,16 @@ from taskframe.errors import (
     ResultTimeoutError,
     Retry,
     StoreFullError,
+    StreamMissingError,
     TaskFailed,
     TaskframeError,
     UnreachableError,
 )
 from taskframe.models import Event, Task
-from taskframe.results import ErrorInfo, TaskState, TaskStatus
-from taskframe.retry import Backoff
+from taskframe.provision import provision
+from taskframe.schedules import Periodic
 from taskframe.settings import Settings
-from taskframe.worker import Worker
+from taskframe.worker import Worker, WorkerStats
 
 __all__ = [
     # Defining tasks and handlers
@@ -29,11 +35,13 @@ __all__ = [
     "Backoff",
     "Context",
     "Event",
-    "Handler",
+    "Periodic",
     "Task",
-    # Producing and reading results
+    # Producing, reading results, operating
     "Client",
+    "DeadLetter",
     "ErrorInfo",
+    "QueueInfo",
     "TaskRun",
     "TaskState",
     "TaskStatus",
@@ -41,7 +49,10 @@ __all__ = [
     # Running
     "Settings",
     "Worker",
+    "WorkerStats",
+    "provision",
     # Errors and signals
+    "AttemptTimeoutError",
     "ConfigError",
     "ConnectError",
     "PayloadTooLargeError",
@@ -51,6 +62,7 @@ __all__ = [
     "ResultTimeoutError",
     "Retry",
     "StoreFullError",
+    "StreamMissingError",
     "TaskFailed",
     "TaskframeError",
     "UnreachableError",

@@ -26,10 +26,13 @@ from typing import Any, Generic, TypeVar, overload
 
 from pydantic import BaseModel, TypeAdapter
 
+from taskframe._cron import Schedule
+from taskframe._retry import DEFAULT_BACKOFF, Backoff
+from taskframe._topology import DEFAULT_LANE, QueueOptions
 from taskframe.context import Context
 from taskframe.errors import ConfigError
 from taskframe.models import Event, Task, check_token, result_type
-from taskframe.retry import DEFAULT_BACKOFF, Backoff
+from taskframe.schedules import Periodic
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T", bound=Task[Any])
@@ -37,7 +40,6 @@ E = TypeVar("E", bound=Event)
 R = TypeVar("R")
 
 HandlerFn = Callable[[M, Context], R]
-DEFAULT_LANE = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,41 +60,6 @@ class Handler(Generic[M]):
     """The task or event name this handler answers to."""
     keeps_result: bool = False
     """Whether the worker stores this handler's outcome in the results bucket."""
-
-
-@dataclass(frozen=True, slots=True)
-class QueueOptions:
-    """How a queue is served by every worker of the namespace."""
-
-    priorities: tuple[str, ...] = ()
-    """Lanes, highest first; must contain "default". Empty: one lane, first in first out."""
-    max_in_flight: int | None = None
-    """Tasks held at once by all workers together, enforced by the server (per lane)."""
-    rate_limit: str | None = None
-    """Task starts allowed across all workers, e.g. "100/s" or "600/m"."""
-    duplicate_window: float | None = None
-    """Seconds an idempotency key is remembered; default `Settings.duplicate_window`."""
-
-    @property
-    def lanes(self) -> tuple[str, ...]:
-        """The lanes to serve, highest priority first."""
-        return self.priorities or (DEFAULT_LANE,)
-
-
-@dataclass(frozen=True, slots=True)
-class Periodic:
-    """A task enqueued by the broker itself on a schedule (cron or every N seconds)."""
-
-    name: str
-    task: Task[Any]
-    expression: str
-    """The `Nats-Schedule` value: a 6-field cron (seconds first), `@every 300s`, `@hourly`..."""
-    time_zone: str | None = None
-
-    @property
-    def queue(self) -> str:
-        """The queue the scheduled task goes to."""
-        return type(self.task).__tf_queue__
 
 
 class App:
@@ -154,7 +121,7 @@ class App:
         if max_in_flight is not None and max_in_flight < 1:
             raise ConfigError("max_in_flight must be at least 1")
         if rate_limit is not None:
-            from taskframe.ratelimit import RateLimit
+            from taskframe._ratelimit import RateLimit
 
             RateLimit.parse(rate_limit)
         self.queue_options[name] = QueueOptions(lanes, max_in_flight, rate_limit, duplicate_window)
@@ -262,8 +229,6 @@ class App:
         "@every 90s"...; `every` is a period in seconds (or a timedelta) instead. Workers
         create, update and remove the broker's schedules to match what the App declares.
         """
-        from taskframe.cron import Schedule
-
         if task is None or not isinstance(task, Task):
             raise ConfigError("schedule() needs the task to enqueue")
         if (cron is None) == (every is None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import itertools
 import json
@@ -19,18 +18,16 @@ from typing import Annotated, Any
 
 import typer
 
-from taskframe import topology
+from taskframe._cluster import NatsCluster, fixed_specs, free_specs
+from taskframe._retry import UNTIL_AVAILABLE
+from taskframe._server import NatsServer, default_config
+from taskframe._supervisor import announce_ready, supervise
 from taskframe.app import App
 from taskframe.client import Client, connect
-from taskframe.cluster import NatsCluster, fixed_specs, free_specs
-from taskframe.deadletters import dead_letters
-from taskframe.deadletters import replay as replay_letter
 from taskframe.errors import TaskframeError, UnreachableError
-from taskframe.retry import UNTIL_AVAILABLE
+from taskframe.provision import provision
 from taskframe.schedules import stored_schedules
-from taskframe.server import NatsServer, default_config
 from taskframe.settings import DEFAULT_URL
-from taskframe.supervisor import announce_ready, supervise
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
@@ -247,8 +244,8 @@ def enqueue(
     _run(main())
 
 
-@cli.command()
-def provision(app: AppRef, url: Url = None) -> None:
+@cli.command("provision")
+def provision_command(app: AppRef, url: Url = None) -> None:
     """Create or update APP's streams, consumers, subscriber groups and schedules.
 
     Run it ahead of a deploy: events published before a group exists are not kept for it.
@@ -257,7 +254,7 @@ def provision(app: AppRef, url: Url = None) -> None:
 
     async def main() -> None:
         async with connect(url, namespace=the_app.namespace) as client:
-            await Worker(the_app, client).provision()
+            await provision(the_app, client)
             typer.echo(
                 f"provisioned namespace {client.namespace}: queues {sorted(the_app.queues)}, "
                 f"groups {sorted(the_app.groups)}, schedules {sorted(the_app.schedules)}"
@@ -274,37 +271,23 @@ def queues(
     """Show every taskframe queue: tasks waiting, in flight, redelivered, dead."""
 
     async def main() -> None:
-        async with connect(url) as client:
-            rows = await _queue_rows(client, namespace)
-        header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD")
-        _table(header, [tuple(str(v) for v in row) for row in rows])
+        async with connect(url, namespace=namespace) as client:
+            infos = await client.queues(every_namespace=namespace is None)
+        header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD", "PAUSED")
+        rows = [
+            (
+                q.namespace,
+                q.queue,
+                *map(str, (q.waiting, q.in_flight, q.redelivered, q.dead)),
+                "yes" if q.paused else "no",
+            )
+            for q in infos
+        ]
+        _table(header, rows)
         if not rows:
             typer.echo("(no taskframe queues on this server)")
 
     _run(main())
-
-
-QueueRow = tuple[str, str, int, int, int, int]
-
-
-async def _queue_rows(client: Client, only: str | None) -> list[QueueRow]:
-    js = client.js
-    rows = []
-    for ns, queue, info in await topology.queue_streams(js, only):
-        in_flight = redelivered = 0
-        with contextlib.suppress(Exception):  # no worker has run yet: nothing in flight
-            consumer = await js.consumer_info(topology.queue_stream(ns, queue), topology.WORKERS)
-            in_flight = consumer.num_ack_pending or 0
-            redelivered = consumer.num_redelivered or 0
-        dead = 0
-        with contextlib.suppress(Exception):  # no dead-letter stream yet
-            dead_info = await js.stream_info(
-                topology.dead_stream(ns), subjects_filter=f"{ns}.dead.{queue}.>"
-            )
-            dead = sum((dead_info.state.subjects or {}).values())
-        waiting = max(0, info.state.messages - in_flight)
-        rows.append((ns, queue, waiting, in_flight, redelivered, dead))
-    return sorted(rows)
 
 
 @cli.command()
@@ -321,10 +304,10 @@ def dead(
 
     async def main() -> None:
         async with connect(url, namespace=namespace) as client:
-            letters = await dead_letters(client.js, namespace, queue=queue, limit=limit)
+            letters = await client.dead_letters(queue=queue, limit=limit)
             for letter in letters:
                 if replay:
-                    await replay_letter(client, letter)
+                    await client.replay(letter)
             rows = [
                 (
                     str(d.seq),

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -19,38 +19,38 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import TypeAdapter
 
-from taskframe import topology, wire
-from taskframe.errors import (
-    ConfigError,
-    ConnectError,
-    PermissionDeniedError,
-    PublishError,
-    ResultTimeoutError,
-    StoreFullError,
-    TaskFailed,
-    UnreachableError,
-)
-from taskframe.models import Event, Task, check_token, result_adapter
-from taskframe.permissions import Connection, refusal
-from taskframe.publish import (
-    TRANSIENT,
-    Ack,
-    StreamMissingError,
+from taskframe import _deadletters, provision
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._connection import open_connection
+from taskframe._deadletters import DeadLetter
+from taskframe._publish import (
     check_size,
     publish_stored,
     publisher,
+    refused_batch,
+    unconfirmed,
 )
-from taskframe.results import TaskState, TaskStatus, parse_record
+from taskframe._queues import QueueInfo, queue_infos
+from taskframe._results import TaskState, TaskStatus, parse_record, read_status
+from taskframe.errors import (
+    ConfigError,
+    ConnectError,
+    PublishError,
+    ResultTimeoutError,
+    StoreFullError,
+    StreamMissingError,
+    TaskFailed,
+)
+from taskframe.models import Event, Task, check_token, result_adapter
 from taskframe.settings import Settings
 
 R = TypeVar("R")
 log = logging.getLogger("taskframe.client")
 
-_CONNECT_ATTEMPTS = 3
 _POLL = 2.0  # seconds between re-reads while waiting, in case a status update was missed
 
 
@@ -125,10 +125,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "connected" if self._nc and self._nc.is_connected else "closed"
-        return f"<Client namespace={self.namespace!r} url={self._safe_url()!r} {state}>"
-
-    def _safe_url(self) -> str:
-        return ",".join(u.split("@")[-1] for u in self.settings.servers)
+        return f"<Client namespace={self.namespace!r} url={self.settings.safe_url!r} {state}>"
 
     @property
     def namespace(self) -> str:
@@ -156,77 +153,13 @@ class Client:
         if one refuses the login or TLS, and `PermissionDeniedError` if the user may not
         receive replies on its inbox prefix.
         """
-        options = self.settings.connect_options()
-        nc = Connection(options.get("inbox_prefix"))
-        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def on_error(exc: Exception) -> None:
-            if nc.denials.record(exc):
-                return
-            reason = refusal(exc) if not nc.is_connected else None
-            if reason is not None and not refused.done():
-                refused.set_result(reason)
-            # Refused before the first connection: the UnreachableError will say it once.
-            quiet = reason is None and self._nc is None and isinstance(exc, OSError)
-            log.log(logging.DEBUG if quiet else logging.WARNING, "nats error: %r", exc)
-
-        async def on_disconnect() -> None:
-            if not (nc.is_closed or nc.is_draining):
-                log.warning("disconnected from NATS; reconnecting")
-
-        async def on_reconnect() -> None:
-            url = nc.connected_url
-            # Not `netloc`: it carries the user and password of a URL with credentials.
-            if url is not None:
-                log.info("reconnected to NATS at %s:%s", url.hostname, url.port)
-            for listener in list(self.reconnect_listeners):
-                await listener()
-
-        connecting = asyncio.ensure_future(
-            nc.connect(
-                servers=self.settings.servers,
-                name=f"taskframe:{self.namespace}",
-                max_reconnect_attempts=_CONNECT_ATTEMPTS,
-                reconnect_time_wait=1,
-                connect_timeout=5,
-                ping_interval=self.settings.ping_interval,  # type: ignore[arg-type]
-                max_outstanding_pings=3,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                **options,
-            )
-        )
-        # A refused login or certificate will not succeed on the next try: say so at once
-        # rather than after every attempt (nats-py even hangs on some TLS failures).
-        either: set[asyncio.Future[Any]] = {connecting, refused}
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if refused.done() and not connecting.done():
-            connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
-            await nc.close()
-            raise ConnectError(
-                f"NATS at {self._safe_url()} refused the connection: {refused.result()}"
-            )
-        try:
-            connecting.result()
-        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
-            reason = f": {refused.result()}" if refused.done() else ""
-            raise UnreachableError(
-                f"cannot reach NATS at {self._safe_url()}: {exc!r}{reason} "
-                "(is a server running? `taskframe server` starts one)"
-            ) from exc
-        # Only the first connection gives up; once connected, reconnect forever (nats-py's
-        # default would give up after 60 tries and leave a worker idle for good).
-        nc.options["max_reconnect_attempts"] = -1
-        self._nc = nc
-        try:
-            await nc.check_inbox()
-        except PermissionDeniedError:
-            await self.close()
-            raise
-        self._js = nc.jetstream(timeout=self.settings.publish_timeout)
+        self._nc = await open_connection(self.settings, self._reconnected)
+        self._js = self._nc.jetstream(timeout=self.settings.publish_timeout)
         return self
+
+    async def _reconnected(self) -> None:
+        for listener in list(self.reconnect_listeners):
+            await listener()
 
     async def close(self) -> None:
         """Flush what is buffered and close the connection."""
@@ -298,7 +231,7 @@ class Client:
                 # No stream listened: the queue is new, or (in a cluster) its stream is
                 # electing a leader. Create or check it, then send again (same message id).
                 try:
-                    await topology.ensure_queue(self.js, self.settings, queue)
+                    await provision.ensure_queue(self.js, self.settings, queue)
                 except ConnectError as exc:
                     if attempt == self.settings.publish_attempts - 1:
                         raise PublishError(f"no stream took {subject}: {exc}") from exc
@@ -329,7 +262,7 @@ class Client:
                 usually within a few milliseconds and at most about 0.3 s late.
             priority: the lane, for a queue declared with priorities.
         """
-        run_at = _due(delay, at)
+        run_at = wire.due_at(delay, at)
         subject, body, headers, task_id = self._prepare(task, key, priority, run_at)
         try:
             duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
@@ -354,7 +287,7 @@ class Client:
             await publish_stored(self.nc, self.settings, subject, body, headers)
         except StreamMissingError:
             await _provisioned(
-                subject, topology.ensure_stream(self.js, topology.events_config(self.settings))
+                subject, provision.ensure_stream(self.js, topology.events_config(self.settings))
             )
             await publish_stored(self.nc, self.settings, subject, body, headers)
         return event_id
@@ -374,7 +307,7 @@ class Client:
         prepared = [self._prepare(t, None, priority) for t in batch]
         for queue in {type(t).__tf_queue__ for t in batch} - self._known_queues:
             # Once per queue and client: a batch sent to a missing stream would all come back.
-            await _provisioned(queue, topology.ensure_queue(self.js, self.settings, queue))
+            await _provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
             self._known_queues.add(queue)
         sender = publisher(self.nc)
         waiting = list(range(len(batch)))
@@ -382,15 +315,15 @@ class Client:
             futures = [await sender.send(*prepared[i][:3]) for i in waiting]
             if futures:
                 await asyncio.wait(futures, timeout=self.settings.publish_timeout)
-            waiting, missing, refused = _unconfirmed(batch, waiting, futures)
+            waiting, missing, refused = unconfirmed(batch, waiting, futures)
             if waiting:
                 sender.abandon()
             if refused:  # the server answered no: resending would be refused again
-                raise _refused(refused, waiting, prepared)
+                raise refused_batch(refused, waiting, prepared)
             if not waiting:
                 break
             for queue in sorted(missing):  # no stream answered (deleted, or electing a leader)
-                await _provisioned(queue, topology.ensure_queue(self.js, self.settings, queue))
+                await _provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
             if not missing:
                 await asyncio.sleep(min(2.0, 0.1 * 2**round_))
         if waiting:
@@ -401,15 +334,6 @@ class Client:
             )
         return [self._run(t, p[3], False) for t, p in zip(batch, prepared, strict=True)]
 
-    async def _bucket(self) -> KeyValue | None:
-        if self._kv is None:
-            bucket = topology.results_bucket(self.namespace)
-            try:
-                self._kv = await topology.answered(f"bucket {bucket}", self.js.key_value, bucket)
-            except NotFoundError:
-                return None
-        return self._kv
-
     async def status(self, task_id: str) -> TaskStatus | None:
         """The latest status record of `task_id`, or None if there is none.
 
@@ -417,28 +341,7 @@ class Client:
         its task keeps no results, or the id was never enqueued. Raises `ConnectError` if
         JetStream does not answer (a cluster without a quorum).
         """
-        kv = await self._bucket()
-        if kv is None:
-            return None
-        what = f"status of {task_id}"
-        try:
-            entry = await topology.answered(what, kv.get, task_id)
-        except NotFoundError:
-            entry = None
-        except APIError as exc:
-            raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
-        if entry is not None and entry.value:
-            return parse_record(entry.value)
-        # No final record: the latest non-final one (running, failed), if any.
-        stream = f"KV_{topology.results_bucket(self.namespace)}"
-        subject = topology.progress_subject(self.namespace, task_id)
-        try:
-            msg = await topology.answered(what, self.js.get_last_msg, stream, subject, True)
-        except NotFoundError:
-            return None
-        except APIError as exc:
-            raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
-        return parse_record(msg.data) if msg.data else None
+        return await read_status(self.js, self.namespace, task_id)
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:
         """Wait until `task_id` reaches a final state and return that status."""
@@ -474,6 +377,42 @@ class Client:
             log.info("cannot read the status of %s yet: %s", task_id, exc)
             return known
 
+    async def queues(self, *, every_namespace: bool = False) -> list[QueueInfo]:
+        """Each queue of this namespace (or of every namespace) as the server sees it now:
+        tasks waiting, in flight, redelivered and dead, and whether it is paused, summed
+        over its priority lanes."""
+        return await queue_infos(self.js, None if every_namespace else self.namespace)
+
+    async def dead_letters(
+        self,
+        *,
+        queue: str | None = None,
+        task: str | None = None,
+        reason: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> list[DeadLetter]:
+        """Dead letters of this namespace, oldest first, filtered by queue, task name and
+        reason ("failed", "rejected", "invalid", "unknown-task", "lost"). For the next page
+        pass the last letter's `seq` as `after`."""
+        return await _deadletters.dead_letters(
+            self.js,
+            self.namespace,
+            queue=queue,
+            task=task,
+            reason=reason,
+            after=after,
+            limit=limit,
+        )
+
+    async def replay(self, letter: DeadLetter) -> None:
+        """Enqueue a dead letter's task again (same id, attempt 1), then delete the letter.
+
+        Its status is `queued` again until it runs. It is enqueued before the letter is
+        deleted: a crash in between leaves a copy, never nothing.
+        """
+        await _deadletters.replay(self, letter)
+
     def handle(self, model: type[Task[R]], task_id: str) -> TaskRun[R]:
         """A handle on an already enqueued task of `model`, from its id."""
         return TaskRun(
@@ -491,64 +430,6 @@ async def _provisioned(what: str, provisioning: Awaitable[None]) -> None:
         await provisioning
     except ConnectError as exc:
         raise PublishError(f"cannot store on {what}: {exc}") from exc
-
-
-def _unconfirmed(
-    batch: list[Task[Any]], sent: list[int], futures: list[asyncio.Future[Ack]]
-) -> tuple[list[int], set[str], list[tuple[int, PublishError]]]:
-    """Which of `sent` were not confirmed, which queues had no stream, which were refused."""
-    unconfirmed, missing, refused = [], set(), []
-    for index, future in zip(sent, futures, strict=True):
-        if not future.done():
-            future.cancel()
-            unconfirmed.append(index)
-        elif (error := future.exception()) is not None:
-            if isinstance(error, PublishError):
-                refused.append((index, error))
-                continue
-            if isinstance(error, NoStreamResponseError):
-                missing.add(type(batch[index]).__tf_queue__)
-            elif not isinstance(error, TRANSIENT):
-                raise PublishError(f"server refused a task: {error}") from error
-            unconfirmed.append(index)
-    return unconfirmed, missing, refused
-
-
-def _refused(
-    refused: list[tuple[int, PublishError]],
-    unconfirmed: list[int],
-    prepared: list[tuple[str, bytes, dict[str, str], str]],
-) -> PublishError:
-    """The error of a batch some of whose tasks the server refused: the first refusal's kind.
-
-    It names the refused tasks and, apart, those not confirmed either way; every other task
-    of the batch is stored.
-    """
-    ids = tuple(prepared[i][3] for i, _ in refused)
-    first = refused[0][1]
-    if isinstance(first, StoreFullError) and all(isinstance(e, StoreFullError) for _, e in refused):
-        error: PublishError = first.for_tasks(ids)
-    else:
-        error = PublishError(f"{len(ids)} task(s) refused, ids {list(ids[:10])}: {first}")
-    if unconfirmed:
-        error.add_note(
-            f"{len(unconfirmed)} more not confirmed (may or may not be stored): ids "
-            f"{[prepared[i][3] for i in unconfirmed[:10]]}"
-        )
-    error.__cause__ = first
-    return error
-
-
-def _due(delay: float | None, at: datetime | None) -> datetime | None:
-    if delay is not None and at is not None:
-        raise ConfigError("give delay or at, not both")
-    if at is not None:
-        if at.tzinfo is None:
-            raise ConfigError("at must be timezone-aware, e.g. datetime.now(UTC)")
-        return at
-    if delay is not None and delay > 0:
-        return datetime.now(UTC) + timedelta(seconds=delay)
-    return None
 
 
 def connect(

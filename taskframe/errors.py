@@ -2,13 +2,16 @@
 
     TaskframeError
       ConfigError          bad settings, a clashing registration, a stream that conflicts
-      ConnectError         NATS cannot be reached
+      ConnectError         NATS cannot be reached, or JetStream did not answer
+        UnreachableError       no server answered at all
       PermissionDeniedError  the server refused an operation
       PublishError         the server did not confirm that a message was stored
         PayloadTooLargeError   the message exceeds the server's max_payload
         StoreFullError         no room: the server's, the account's or the stream's store is full
+        StreamMissingError     no stream stores the subject
       TaskFailed           a task ended without a result (failed or dead)
       ResultTimeoutError   no result arrived within the time asked for
+      AttemptTimeoutError  a handler ran past its timeout (recorded as the attempt's error)
 
     Retry(delay)           signal: try this task again later (counts as an attempt)
     Reject(reason)         signal: dead-letter this task now, without more attempts
@@ -121,6 +124,10 @@ class StoreFullError(PublishError):
         )
 
 
+class StreamMissingError(PublishError):
+    """No stream stores the subject (the server had no responder for it)."""
+
+
 class TaskFailed(TaskframeError):
     """A task ended without a result: its handler failed on every attempt, or it was rejected."""
 
@@ -139,6 +146,10 @@ class TaskFailed(TaskframeError):
 
 class ResultTimeoutError(TaskframeError, TimeoutError):
     """No final result arrived within the time asked for; the task may still finish."""
+
+
+class AttemptTimeoutError(TaskframeError, TimeoutError):
+    """The handler ran past its timeout and was cancelled."""
 
 
 class Retry(Exception):

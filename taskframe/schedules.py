@@ -13,18 +13,41 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskframe import topology, wire
-from taskframe.app import App, Periodic
-from taskframe.client import Client
-from taskframe.cron import Schedule
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._cron import Schedule
+from taskframe._publish import publish_stored
+from taskframe._queues import queue_streams
+from taskframe._retry import answered
 from taskframe.errors import StoreFullError
-from taskframe.publish import publish_stored
+from taskframe.models import Task
+
+if TYPE_CHECKING:
+    from taskframe.app import App
+    from taskframe.client import Client
 
 log = logging.getLogger("taskframe.schedules")
+
+
+@dataclass(frozen=True, slots=True)
+class Periodic:
+    """A task enqueued by the broker itself on a schedule (cron or every N seconds)."""
+
+    name: str
+    task: Task[Any]
+    expression: str
+    """The `Nats-Schedule` value: a 6-field cron (seconds first), `@every 300s`, `@hourly`..."""
+    time_zone: str | None = None
+
+    @property
+    def queue(self) -> str:
+        """The queue the scheduled task goes to."""
+        return type(self.task).__tf_queue__
 
 
 def _prefix(namespace: str, queue: str) -> str:
@@ -57,23 +80,21 @@ async def reconcile(client: Client, app: App, queues: Iterable[str]) -> None:
     for queue in queues:
         stream = topology.queue_stream(ns, queue)
         prefix = _prefix(ns, queue)
-        info = await topology.answered(
+        info = await answered(
             f"stream {stream}", js.stream_info, stream, subjects_filter=f"{prefix}>"
         )
         stored = {subject[len(prefix) :] for subject in (info.state.subjects or {})}
         declared = {p.name: p for p in app.schedules.values() if p.queue == queue}
         for name in sorted(stored - declared.keys()):
             subject = prefix + name
-            await topology.answered(f"schedule {subject}", js.purge_stream, stream, subject=subject)
+            await answered(f"schedule {subject}", js.purge_stream, stream, subject=subject)
             log.info("removed schedule %s from queue %s: no longer declared", name, queue)
         for name, periodic in sorted(declared.items()):
             headers = _headers(ns, periodic)
             body = wire.encode(periodic.task)
             if name in stored:
                 subject = prefix + name
-                last = await topology.answered(
-                    f"schedule {subject}", js.get_last_msg, stream, subject
-                )
+                last = await answered(f"schedule {subject}", js.get_last_msg, stream, subject)
                 have = last.headers or {}
                 if last.data == body and all(have.get(k) == v for k, v in headers.items()):
                     continue
@@ -105,17 +126,15 @@ async def stored_schedules(js: JetStreamContext, namespace: str | None) -> list[
     """Every periodic schedule on the server (of `namespace`, if given), with its next tick."""
     found = []
     now = datetime.now(UTC)
-    for ns, queue, info in await topology.queue_streams(js, namespace):
+    for ns, queue, info in await queue_streams(js, namespace):
         prefix = _prefix(ns, queue)
         stream = info.config.name or ""
-        details = await topology.answered(
+        details = await answered(
             f"stream {stream}", js.stream_info, stream, subjects_filter=f"{prefix}>"
         )
         for subject in sorted(details.state.subjects or {}):
             try:
-                msg = await topology.answered(
-                    f"schedule {subject}", js.get_last_msg, stream, subject
-                )
+                msg = await answered(f"schedule {subject}", js.get_last_msg, stream, subject)
             except NotFoundError:  # fired or removed meanwhile
                 continue
             headers = msg.headers or {}

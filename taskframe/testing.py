@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
+from taskframe._server import NatsServer
 from taskframe.app import App
 from taskframe.client import Client, connect
-from taskframe.server import NatsServer
 from taskframe.worker import Worker
 
 __all__ = ["NatsServer", "running_worker", "work_until"]

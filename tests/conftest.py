@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from taskframe.server import NatsServer
+from taskframe._server import NatsServer
 from tests.faultkit import Procs
 from tests.ledger import RECORDED, summary_markdown, write_summary
 

@@ -31,7 +31,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from taskframe import Client, topology
+from taskframe import Client
+from taskframe import _topology as topology
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.fault_apps:app"

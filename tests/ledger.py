@@ -37,16 +37,9 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from taskframe import (
-    Client,
-    PayloadTooLargeError,
-    StoreFullError,
-    Task,
-    TaskRun,
-    TaskState,
-    wire,
-)
-from taskframe.server import server_binary
+from taskframe import Client, PayloadTooLargeError, StoreFullError, Task, TaskRun, TaskState
+from taskframe import _wire as wire
+from taskframe._server import server_binary
 from tests import faultkit
 
 RECORDED: list[Figures] = []

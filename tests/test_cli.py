@@ -13,9 +13,9 @@ import nats
 import pytest
 
 from taskframe import App, Client, Context, TaskState, connect
-from taskframe.server import NatsServer
+from taskframe._server import NatsServer
+from taskframe._topology import WORKERS, dead_stream, queue_stream, results_bucket
 from taskframe.testing import running_worker
-from taskframe.topology import WORKERS, dead_stream, queue_stream, results_bucket
 from tests.fault_apps import Other, Work
 from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Procs, until, until_async
 
@@ -34,7 +34,9 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
     for line in lines[1:]:
         values = re.split(r"\s{2,}", line.strip())
         row = dict(zip(header, values, strict=True))
-        rows[row["NAMESPACE"], row["QUEUE"]] = {k: int(v) for k, v in list(row.items())[2:]}
+        counts = list(row.items())[2:-1]
+        rows[row["NAMESPACE"], row["QUEUE"]] = {k: int(v) for k, v in counts}
+        assert row["PAUSED"] == "no"
     return rows
 
 

@@ -10,13 +10,14 @@ from taskframe import (
     Task,
     TaskState,
     connect,
-    topology,
 )
-from taskframe.publish import publish_stored
-from taskframe.results import status_record
-from taskframe.server import NatsServer
+from taskframe import _topology as topology
+from taskframe._publish import publish_stored
+from taskframe._results import status_record
+from taskframe._server import NatsServer
+from taskframe._topology import queue_stream
+from taskframe.provision import ensure_shared
 from taskframe.testing import running_worker
-from taskframe.topology import queue_stream
 from tests.apps import Add, Quiet, build
 
 
@@ -101,7 +102,7 @@ async def test_producer_and_worker_on_separate_connections(
 
 
 async def test_a_late_progress_record_never_replaces_a_final_one(client: Client) -> None:
-    await topology.ensure_shared(client.js, client.settings)
+    await ensure_shared(client.js, client.settings)
     ns, task_id = client.namespace, "late-running"
     progress = topology.progress_subject(ns, task_id)
     running = status_record(task_id, "Add", TaskState.RUNNING, 1)

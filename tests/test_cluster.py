@@ -1,6 +1,6 @@
 """A 3-node nats-server cluster with R3 streams: leaders killed, quorum lost, a node frozen.
 
-Every node is a real process on loopback ports (taskframe.cluster.NatsCluster). Workers
+Every node is a real process on loopback ports (taskframe._cluster.NatsCluster). Workers
 run as `taskframe worker tests.fault_apps:app` subprocesses given all three URLs and
 TASKFRAME_REPLICAS=3; the producer runs in the test. Each fault scenario prints one line
 `FAULT-FIGURES {json}` (acknowledged, executed, lost, duplicated, dead, time to recover)
@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from taskframe import Client, ConnectError, PublishError, ResultTimeoutError, connect, topology
-from taskframe.cluster import NatsCluster, fixed_specs, node_config
-from taskframe.worker import Worker
+from taskframe import Client, ConnectError, PublishError, ResultTimeoutError, connect, provision
+from taskframe import _topology as topology
+from taskframe._cluster import NatsCluster, fixed_specs, node_config
+from taskframe.provision import ensure_queue
 from tests.fault_apps import Work, build_app
 from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Proc, Procs, until
 from tests.ledger import RECORDED, Figures
@@ -242,11 +243,11 @@ async def test_provisioning_with_replicas_3_creates_r3_streams_consumers_and_buc
 
 async def test_r3_is_a_setting_not_a_code_path(cluster: NatsCluster, namespace: str) -> None:
     async with connect(cluster.urls, namespace=namespace, replicas=3) as tf:
-        await Worker(build_app(namespace, None), tf).provision()
+        await provision(build_app(namespace, None), tf)
         info = await tf.js.stream_info(topology.queue_stream(namespace, "work"))
         assert info.config.num_replicas == 3
     async with connect(cluster.urls, namespace=namespace + "x") as tf:
-        await Worker(build_app(namespace + "x", None), tf).provision()
+        await provision(build_app(namespace + "x", None), tf)
         info = await tf.js.stream_info(topology.queue_stream(namespace + "x", "work"))
         assert info.config.num_replicas == 1
 
@@ -342,7 +343,7 @@ async def test_quorum_loss_fails_enqueues_clearly_and_recovers_every_acknowledge
         # (an enqueue that finds no stream provisions its queue: CI once saw it leak).
         started = time.monotonic()
         with pytest.raises(ConnectError, match="JetStream did not answer about stream"):
-            await topology.ensure_queue(tf.js, tf.settings, "new")
+            await ensure_queue(tf.js, tf.settings, "new")
         provision_s = round(time.monotonic() - started, 2)
         # Reading a status without the quorum can fail the same way (a bucket the client has
         # not opened yet: 503); a waiter keeps waiting through it and ends at its own timeout.

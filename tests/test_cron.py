@@ -12,9 +12,9 @@ import pytest
 from nats.js import api as js_api
 from nats.js.errors import APIError
 
-from taskframe.cron import Schedule, every
+from taskframe._cron import Schedule, every
+from taskframe._server import NatsServer
 from taskframe.errors import ConfigError
-from taskframe.server import NatsServer
 
 
 def utc(

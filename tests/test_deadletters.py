@@ -4,9 +4,9 @@ import json
 import pytest
 
 from taskframe import Client, TaskFailed, TaskState
-from taskframe.deadletters import dead_letters, fit, replay
+from taskframe._deadletters import dead_letters, fit, replay
+from taskframe.provision import ensure_queue
 from taskframe.testing import running_worker, work_until
-from taskframe.topology import ensure_queue
 from tests.apps import Add, AlwaysFails, build
 
 

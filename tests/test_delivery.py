@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from taskframe import App, Client, Context, Event, Task, Worker, connect
+from taskframe import App, Client, Context, Event, Task, Worker, connect, provision
+from taskframe._server import NatsServer
+from taskframe._topology import events_stream, queue_stream, results_bucket
 from taskframe.schedules import stored_schedules
-from taskframe.server import NatsServer
 from taskframe.testing import running_worker, work_until
-from taskframe.topology import events_stream, queue_stream, results_bucket
 from tests.faultkit import until_async
 
 
@@ -188,7 +188,7 @@ async def test_schedules_are_reconciled_and_listed(client: Client) -> None:
     @app.handle(Ping)
     async def ping(job: Ping, ctx: Context) -> None: ...
 
-    await Worker(app, client).provision()
+    await provision(app, client)
     listed = {s.name: s for s in await stored_schedules(client.js, client.namespace)}
     assert set(listed) == {"nightly", "often"}
     assert listed["nightly"].expression == "0 0 3 * * *"
@@ -200,9 +200,9 @@ async def test_schedules_are_reconciled_and_listed(client: Client) -> None:
     assert 0 < (often - datetime.now(UTC)).total_seconds() <= 300
 
     # Provisioning again changes nothing; dropping a declaration removes its schedule.
-    await Worker(app, client).provision()
+    await provision(app, client)
     del app.schedules["often"]
-    await Worker(app, client).provision()
+    await provision(app, client)
     assert [s.name for s in await stored_schedules(client.js, client.namespace)] == ["nightly"]
 
 
@@ -258,14 +258,14 @@ async def test_events_before_any_group_are_not_kept_unless_provisioned(client: C
         got.append(event.order)
 
     await client.publish(OrderPlaced(order=1))  # no group yet: nobody keeps it
-    await Worker(app, client).provision()  # what `taskframe provision` does before a deploy
+    await provision(app, client)  # what `taskframe provision` does before a deploy
     await client.publish(OrderPlaced(order=2))
     await work_until(app, client, lambda w: w.stats.succeeded == 1)
     assert got == [2]
 
 
 async def test_a_failing_subscriber_retries_then_dead_letters(client: Client) -> None:
-    from taskframe.retry import Backoff
+    from taskframe._retry import Backoff
 
     attempts: list[int] = []
     app = App(client.namespace)
@@ -275,7 +275,7 @@ async def test_a_failing_subscriber_retries_then_dead_letters(client: Client) ->
         attempts.append(ctx.attempt)
         raise RuntimeError("subscriber down")
 
-    await Worker(app, client).provision()
+    await provision(app, client)
     await client.publish(OrderPlaced(order=7))
     await work_until(app, client, lambda w: w.stats.dead == 1)
     assert attempts == [1, 2]
@@ -303,7 +303,7 @@ async def test_a_high_task_overtakes_a_backlog_of_low_ones(client: Client) -> No
         order.append("urgent")
         return "urgent"
 
-    await Worker(app, client).provision()
+    await provision(app, client)
     await client.enqueue_many(Job(n=i) for i in range(1000))  # the low lane, by default
     lows = await client.enqueue_many((Job(n=1000 + i) for i in range(1000)), priority="low")
     urgent_run = await client.enqueue(Urgent(n=0))  # the model's default lane: high
@@ -323,7 +323,7 @@ async def test_a_high_task_overtakes_a_backlog_of_low_ones(client: Client) -> No
 async def test_duplicate_window_is_set_per_queue(client: Client) -> None:
     app = stamp_app(client.namespace)
     app.queue("timed", duplicate_window=1.0)
-    await Worker(app, client).provision()
+    await provision(app, client)
     info = await client.js.stream_info(queue_stream(client.namespace, "timed"))
     assert info.config.duplicate_window == 1.0
     first = await client.enqueue(Stamp(), key="k")

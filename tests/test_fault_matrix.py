@@ -24,11 +24,11 @@ from taskframe import (
     TaskFailed,
     TaskState,
     connect,
-    topology,
+    provision,
 )
-from taskframe.server import NatsServer
+from taskframe import _topology as topology
+from taskframe._server import NatsServer
 from taskframe.testing import running_worker
-from taskframe.worker import Worker
 from tests.fault_apps import POISON_ATTEMPTS, Once, Other, Poison, Work, build_app
 from tests.faultkit import (
     APP,
@@ -308,7 +308,7 @@ async def test_duplicate_publish_within_and_after_the_dedupe_window(
     app = build_app(client.namespace, procs.ledger.path)
     app.queue("work", duplicate_window=1.0)
     app.queue("once", duplicate_window=1.0)
-    await Worker(app, client).provision()  # before the first enqueue creates the streams
+    await provision(app, client)  # before the first enqueue creates the streams
     async with running_worker(app, client) as worker:
         sent = {"plain": time.monotonic()}
         plain = await ledger.enqueue(client, Work(), key="plain")

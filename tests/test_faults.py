@@ -17,8 +17,9 @@ import nats
 import nats.errors
 import pytest
 
-from taskframe import Client, TaskFailed, TaskState, connect, topology
-from taskframe.server import NatsServer
+from taskframe import Client, TaskFailed, TaskState, connect
+from taskframe import _topology as topology
+from taskframe._server import NatsServer
 from tests.fault_apps import Fail, Work
 from tests.faultkit import Procs, dead_letters, until, until_async, until_drained
 from tests.ledger import Ledger

@@ -20,8 +20,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from taskframe import App, Client, Context, Task, topology, wire
-from taskframe.server import NatsServer
+from taskframe import App, Client, Context, Task
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._server import NatsServer
 from taskframe.testing import running_worker
 from tests.faultkit import until_async
 from tests.rawnats import PubAck, RawNats, header_block

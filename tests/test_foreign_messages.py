@@ -1,7 +1,7 @@
 """Messages a raw publisher got wrong, against the real CLI worker: each one is dead-lettered
 once with reason `invalid`, and the work published around it completes.
 
-Before `taskframe.inbound` and `taskframe.tolerant` these stopped workers for good:
+Before `taskframe._inbound` and `taskframe._tolerant` these stopped workers for good:
 a subject that is not UTF-8 ended the connection's read loop (and again after every
 reconnect); a task name or a message id with a space made burying it, or storing its
 result, raise on an invalid subject, so it came back every ack_wait forever.
@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from taskframe import Client, wire
-from taskframe.deadletters import DeadLetter, dead_letters
-from taskframe.server import NatsServer
+from taskframe import Client
+from taskframe import _wire as wire
+from taskframe._deadletters import DeadLetter, dead_letters
+from taskframe._server import NatsServer
 from tests.fault_apps import Work
 from tests.faultkit import Procs, until, until_drained
 from tests.ledger import Ledger

@@ -26,12 +26,13 @@ from taskframe import (
     StoreFullError,
     TaskState,
     connect,
-    deadletters,
     schedules,
-    topology,
 )
-from taskframe.publish import publish_stored
-from taskframe.server import NatsServer
+from taskframe import _deadletters as deadletters
+from taskframe import _topology as topology
+from taskframe._publish import publish_stored
+from taskframe._server import NatsServer
+from taskframe.provision import ensure_shared
 from tests.fault_apps import Bulky, BulkyQuiet, Fail, build_app
 from tests.faultkit import APP, TASKFRAME, Proc, Procs, queue_counts, until_drained
 from tests.ledger import Ledger
@@ -358,14 +359,14 @@ async def test_an_existing_results_bucket_takes_its_limit_in_place(client: Clien
     name = f"KV_{topology.results_bucket(ns)}"
 
     limited = Settings(url=client.settings.url, namespace=ns, results_max_bytes=64 * 1024)
-    await topology.ensure_shared(js, limited)
+    await ensure_shared(js, limited)
     config = (await js.stream_info(name)).config
     assert (config.max_bytes, config.discard) == (64 * 1024, api.DiscardPolicy.OLD)
     status = await client.status("kept")
     assert status is not None
     assert status.state is TaskState.SUCCEEDED  # the same bucket, updated
 
-    await topology.ensure_shared(js, client.settings)  # back to no limit: reservation released
+    await ensure_shared(js, client.settings)  # back to no limit: reservation released
     config = (await js.stream_info(name)).config
     assert (config.max_bytes, config.discard) == (-1, api.DiscardPolicy.OLD)
     claims = topology.claims_config(limited)
@@ -373,4 +374,4 @@ async def test_an_existing_results_bucket_takes_its_limit_in_place(client: Clien
 
     huge = Settings(url=client.settings.url, namespace=ns, results_max_bytes=2**60)
     with pytest.raises(ConfigError, match="must be reserved out of the server's max_file_store"):
-        await topology.ensure_shared(js, huge)
+        await ensure_shared(js, huge)

@@ -1,4 +1,4 @@
-"""The rules of what a delivered message may carry (taskframe.inbound), without a server.
+"""The rules of what a delivered message may carry (taskframe._inbound), without a server.
 
 The properties check the promise the worker relies on: whatever a message carries, what
 `inbound` hands on goes into a subject, a KV key and a header value without nats-py
@@ -16,11 +16,13 @@ from nats.aio.client import _HEADER_KEY_RE, _validate_subject
 from nats.aio.msg import Msg
 from nats.js.kv import _is_key_valid
 
-from taskframe import inbound, topology, wire
-from taskframe.deadletters import dead_letter_headers
-from taskframe.inbound import INVALID
-from taskframe.results import ErrorInfo
-from taskframe.tolerant import TolerantClient
+from taskframe import _inbound as inbound
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._deadletters import dead_letter_headers
+from taskframe._inbound import INVALID
+from taskframe._results import ErrorInfo
+from taskframe._tolerant import TolerantClient
 
 NS, QUEUE = "shop", "email"
 PREFIX = f"{NS}.tasks.{QUEUE}."

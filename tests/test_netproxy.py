@@ -15,7 +15,7 @@ import nats
 import nats.errors
 import pytest
 
-from taskframe.server import NatsServer
+from taskframe._server import NatsServer
 from tests.faultkit import until
 from tests.netproxy import Direction, NetProxy
 

@@ -24,8 +24,9 @@ from typing import TypeVar
 
 import pytest
 
-from taskframe import Client, PublishError, TaskState, connect, topology
-from taskframe.server import NatsServer
+from taskframe import Client, PublishError, TaskState, connect
+from taskframe import _topology as topology
+from taskframe._server import NatsServer
 from tests.fault_apps import Once, Work
 from tests.faultkit import AckTap, BucketTap, Procs, until, until_drained
 from tests.ledger import Ledger

@@ -15,9 +15,10 @@ import nats
 import pytest
 from nats.js import api as js_api
 
+from taskframe._ratelimit import RateLimit, RateLimiter
+from taskframe._server import NatsServer
+from taskframe._topology import rate_stream
 from taskframe.errors import ConfigError
-from taskframe.ratelimit import RateLimit, RateLimiter, rate_stream
-from taskframe.server import NatsServer
 from taskframe.settings import Settings
 
 

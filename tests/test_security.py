@@ -22,14 +22,14 @@ from taskframe import (
     Context,
     PermissionDeniedError,
     Task,
-    Worker,
     connect,
+    provision,
 )
-from taskframe.permissions import explain
-from taskframe.publish import publish_stored
-from taskframe.server import NatsServer, server_binary
+from taskframe._connection import explain
+from taskframe._publish import publish_stored
+from taskframe._server import NatsServer, server_binary
+from taskframe._topology import queue_stream
 from taskframe.testing import running_worker
-from taskframe.topology import queue_stream
 
 SECURE = Path(__file__).parent.parent / "deploy" / "secure"
 NS = "shop"  # the namespace deploy/secure/accounts.conf is written for
@@ -130,11 +130,11 @@ def _as(server: NatsServer, pki: Path, role: str, namespace: str = NS) -> Client
 def provisioned(server: NatsServer, pki: Path) -> None:
     """The admin has run `taskframe provision` for the app (as a deploy does first)."""
 
-    async def provision() -> None:
+    async def provision_app() -> None:
         async with _as(server, pki, "admin") as admin:
-            await Worker(build_app(), admin).provision()
+            await provision(build_app(), admin)
 
-    asyncio.run(provision())
+    asyncio.run(provision_app())
 
 
 @pytest.fixture

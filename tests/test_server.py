@@ -6,7 +6,7 @@ import pytest
 from nats.js import api as js_api
 
 from taskframe import ConfigError
-from taskframe.server import NatsServer
+from taskframe._server import NatsServer
 
 
 async def stored(url: str, stream: str) -> int:

@@ -4,16 +4,9 @@ import pytest
 from nats.js import api as js_api
 
 from taskframe import Client, ConfigError
+from taskframe._topology import WORKERS, dead_stream, queue_stream, results_bucket
+from taskframe.provision import ensure_consumer, ensure_queue, ensure_shared
 from taskframe.testing import running_worker
-from taskframe.topology import (
-    WORKERS,
-    dead_stream,
-    ensure_consumer,
-    ensure_queue,
-    ensure_shared,
-    queue_stream,
-    results_bucket,
-)
 from tests.fault_apps import Work, build_app
 
 
@@ -108,4 +101,4 @@ async def test_a_consumer_deleted_under_a_running_worker_is_recreated(
         after = await client.js.consumer_info(stream, WORKERS)
     assert after.created != before.created
     assert after.config.ack_wait == before.config.ack_wait
-    assert any("consumer" in r.getMessage() and r.name == "taskframe.feed" for r in caplog.records)
+    assert any("consumer" in r.getMessage() and r.name == "taskframe._pull" for r in caplog.records)

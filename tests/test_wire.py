@@ -1,6 +1,6 @@
 import pytest
 
-from taskframe import wire
+from taskframe import _wire as wire
 
 
 @pytest.mark.parametrize(

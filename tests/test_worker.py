@@ -4,8 +4,9 @@ import json
 import pytest
 
 from taskframe import App, Client, Context, TaskFailed, TaskState, Worker
+from taskframe._topology import dead_stream
+from taskframe.provision import ensure_queue
 from taskframe.testing import running_worker, work_until
-from taskframe.topology import dead_stream, ensure_queue
 from tests.apps import Add, AlwaysFails, Flaky, Quiet, Slow, build
 
 

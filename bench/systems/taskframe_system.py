@@ -50,7 +50,7 @@ from bench.systems.taskframe_app import (
     namespace_from_env,
 )
 from taskframe import Worker as TfWorker
-from taskframe import topology
+from taskframe import _topology as topology
 
 APP_REF = "bench.systems.taskframe_app:app"
 CONCURRENCY_ENV = "BENCH_TASKFRAME_CONCURRENCY"

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from taskframe import wire
-from taskframe.claims import Claim
+from taskframe import _wire as wire
+from taskframe._claims import Claim
 
 log = logging.getLogger("taskframe.worker")
 

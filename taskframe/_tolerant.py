@@ -13,7 +13,7 @@ does it again, so one message stops a worker for good. Reproduced:
 
 `TolerantClient` reads such a message as a message instead (bytes that are not UTF-8
 are kept with `surrogateescape`), so the worker sees it and dead-letters it
-(`taskframe.inbound`).
+(`taskframe._inbound`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nats.protocol import parser
 
 __all__ = ["TolerantClient"]
 
-log = logging.getLogger("taskframe.tolerant")
+log = logging.getLogger("taskframe._tolerant")
 
 # nats-py's patterns, with the separators the server writes (spaces; tabs to be safe) in
 # place of `\s`, which also matches \x0b and \x0c: bytes the server accepts in a subject.

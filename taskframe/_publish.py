@@ -26,12 +26,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-from taskframe import wire
-from taskframe.errors import PayloadTooLargeError, PublishError, StoreFullError
-from taskframe.permissions import watch
+from taskframe import _wire as wire
+from taskframe._connection import watch
+from taskframe.errors import PayloadTooLargeError, PublishError, StoreFullError, StreamMissingError
+from taskframe.models import Task
 from taskframe.settings import Settings
 
-log = logging.getLogger("taskframe.publish")
+log = logging.getLogger("taskframe._publish")
 
 TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.TimeoutError,
@@ -48,10 +49,6 @@ _STREAM_LIMITS = frozenset({"maximum bytes exceeded", "maximum messages exceeded
 Not "maximum messages per subject exceeded": that refuses one subject, not for lack of room.
 """
 _UNAVAILABLE = 10008  # "JetStream system temporarily unavailable": a cluster without a leader
-
-
-class StreamMissingError(PublishError):
-    """No stream stores the subject (the server had no responder for it)."""
 
 
 def refusal(subject: str, error: dict[str, Any], stream: str | None = None) -> Exception:
@@ -216,3 +213,49 @@ async def publish_stored(
         f"no confirmation for {subject} after {settings.publish_attempts} attempts; "
         "it may or may not be stored (enqueue again with the same key to be sure)"
     ) from last
+
+
+def unconfirmed(
+    batch: list[Task[Any]], sent: list[int], futures: list[asyncio.Future[Ack]]
+) -> tuple[list[int], set[str], list[tuple[int, PublishError]]]:
+    """Which of `sent` were not confirmed, which queues had no stream, which were refused."""
+    unconfirmed, missing, refused = [], set(), []
+    for index, future in zip(sent, futures, strict=True):
+        if not future.done():
+            future.cancel()
+            unconfirmed.append(index)
+        elif (error := future.exception()) is not None:
+            if isinstance(error, PublishError):
+                refused.append((index, error))
+                continue
+            if isinstance(error, NoStreamResponseError):
+                missing.add(type(batch[index]).__tf_queue__)
+            elif not isinstance(error, TRANSIENT):
+                raise PublishError(f"server refused a task: {error}") from error
+            unconfirmed.append(index)
+    return unconfirmed, missing, refused
+
+
+def refused_batch(
+    refused: list[tuple[int, PublishError]],
+    unconfirmed: list[int],
+    prepared: list[tuple[str, bytes, dict[str, str], str]],
+) -> PublishError:
+    """The error of a batch some of whose tasks the server refused: the first refusal's kind.
+
+    It names the refused tasks and, apart, those not confirmed either way; every other task
+    of the batch is stored.
+    """
+    ids = tuple(prepared[i][3] for i, _ in refused)
+    first = refused[0][1]
+    if isinstance(first, StoreFullError) and all(isinstance(e, StoreFullError) for _, e in refused):
+        error: PublishError = first.for_tasks(ids)
+    else:
+        error = PublishError(f"{len(ids)} task(s) refused, ids {list(ids[:10])}: {first}")
+    if unconfirmed:
+        error.add_note(
+            f"{len(unconfirmed)} more not confirmed (may or may not be stored): ids "
+            f"{[prepared[i][3] for i in unconfirmed[:10]]}"
+        )
+    error.__cause__ = first
+    return error

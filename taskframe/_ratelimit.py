@@ -8,20 +8,6 @@ may use those up to `count`. Each slot number has exactly one owner, so the star
 window never exceed `count` however many workers share the limit. A worker that gets no
 slot sleeps until the next window, plus a little jitter so they do not all wake at once.
 
-What nats-server 2.15.1 and nats-py 2.16 do, checked by experiment:
-- a counter stream needs `allow_msg_counter=True`, limits retention (WorkQueue: 10052) and no
-  per-message TTL (10052); an update cannot switch counters on or off;
-- a publish with `Nats-Incr: <integer>` and an empty body adds to the subject's total and the
-  PubAck's `val` is the new total as a string ("6"); k > 1, 0 and negative steps all work;
-  no `Nats-Incr` is 10169, a non-integer 10171, a body 10170, and a stream without
-  counters 10168;
-- 1000 concurrent `Nats-Incr: 1` publishes got back exactly the totals 1..1000;
-- `max_msgs_per_subject=1` keeps the running total while storing one message per window,
-  and `max_age` removes old windows (a subject that expired counts from 0 again);
-- a `Nats-Msg-Id` duplicate answers `duplicate=True` without `val`, so increments carry no
-  id: one resent after a lost confirmation may count twice, which wastes slots but can
-  never let an extra task through.
-
 Limits of the scheme: windows are read from each worker's clock, so keep clocks in sync
 (skew smears a window's starts across its boundary by the skew); slots taken by a caller
 that is then cancelled are lost for that window. Both err on the side of fewer starts.
@@ -29,6 +15,8 @@ that is then cancelled are lost for that window. Both err on the side of fewer s
 The stream `TF_<ns>_RATE` (subjects `<ns>.rate.>`) keeps counters for three of the longest
 window any limiter of the namespace uses: `ensure()` grows its `max_age`, never shrinks it,
 so a short-window limiter cannot expire the counters of a long-window one.
+
+How the server's counters behave is in docs/server-behaviour.md.
 """
 
 from __future__ import annotations
@@ -45,7 +33,6 @@ from typing import Self
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 from nats.js.errors import (
     APIError,
     NoStreamResponseError,
@@ -53,15 +40,16 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
+from taskframe._publish import TRANSIENT
+from taskframe._retry import answered
+from taskframe._topology import rate_config, rate_stream
 from taskframe.errors import ConfigError, ConnectError
 from taskframe.models import check_token
-from taskframe.publish import TRANSIENT
 from taskframe.settings import Settings
-from taskframe.topology import META_KIND, META_NAMESPACE, answered
 
-__all__ = ["RateLimit", "RateLimiter", "rate_stream"]
+__all__ = ["RateLimit", "RateLimiter"]
 
-log = logging.getLogger("taskframe.ratelimit")
+log = logging.getLogger("taskframe._ratelimit")
 
 _INCR = "Nats-Incr"
 _RETRIED: tuple[type[BaseException], ...] = (NoStreamResponseError, *TRANSIENT)
@@ -71,28 +59,6 @@ _MAX_BACKOFF = 2.0
 _JITTER = 0.02  # seconds: workers waking for a new window spread out, not all ask at once
 _LIMIT = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]*)\s*(s|sec|m|min|h|hour)\s*")
 _UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600}
-
-
-def rate_stream(namespace: str) -> str:
-    """The counter stream of `namespace`'s rate limits."""
-    return f"TF_{namespace}_RATE"
-
-
-def rate_config(settings: Settings, max_age: float) -> js_api.StreamConfig:
-    """The counter stream configuration, keeping counters for `max_age` seconds."""
-    ns = settings.namespace
-    file = settings.storage == "file"
-    return js_api.StreamConfig(
-        name=rate_stream(ns),
-        subjects=[f"{ns}.rate.>"],
-        retention=js_api.RetentionPolicy.LIMITS,
-        storage=js_api.StorageType.FILE if file else js_api.StorageType.MEMORY,
-        num_replicas=settings.replicas,
-        max_age=max_age,
-        max_msgs_per_subject=1,  # the last increment holds the total
-        allow_msg_counter=True,
-        metadata={META_NAMESPACE: ns, META_KIND: "rate"},
-    )
 
 
 @dataclass(frozen=True, slots=True)

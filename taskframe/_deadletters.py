@@ -11,15 +11,22 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from taskframe import inbound, topology, wire
-from taskframe.client import Client
-from taskframe.publish import publish_stored
-from taskframe.results import ErrorInfo, TaskState, status_record
+from taskframe import _inbound as inbound
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._publish import publish_stored
+from taskframe._results import ErrorInfo, TaskState, status_record
+from taskframe._retry import answered
+
+if TYPE_CHECKING:
+    from taskframe.client import Client
 
 _DEAD_HEADERS = {
     wire.DEAD_REASON,
@@ -140,45 +147,56 @@ def _text(value: object) -> str:
 
 
 async def dead_letters(
-    js: JetStreamContext, namespace: str, *, queue: str | None = None, limit: int = 100
+    js: JetStreamContext,
+    namespace: str,
+    *,
+    queue: str | None = None,
+    task: str | None = None,
+    reason: str | None = None,
+    after: int = 0,
+    limit: int = 100,
 ) -> list[DeadLetter]:
-    """The oldest `limit` dead letters of `namespace` (of one `queue`, if given)."""
+    """The oldest `limit` dead letters of `namespace` after sequence `after`, filtered.
+
+    `queue` and `task` are matched by the server (the letter's subject), `reason` here.
+    Pass the last letter's `seq` as `after` to read the next page.
+    """
     stream = topology.dead_stream(namespace)
-    try:
-        info = await js.stream_info(stream)
-    except NotFoundError:
-        return []
-    prefix = f"{namespace}.dead.{queue}." if queue else ""
+    subject = f"{namespace}.dead.>"
+    if queue or task:
+        subject = f"{namespace}.dead.{queue or '*'}.{task or '*'}"
     found: list[DeadLetter] = []
-    seq = info.state.first_seq
-    while seq <= info.state.last_seq and len(found) < limit:
+    seq = after + 1
+    while len(found) < limit:
         try:
-            msg = await js.get_msg(stream, seq)
-        except NotFoundError:  # deleted (replayed) meanwhile
-            seq += 1
-            continue
-        seq += 1
-        subject = msg.subject or ""
-        if prefix and not subject.startswith(prefix):
-            continue
-        headers = {name: _text(value) for name, value in (msg.headers or {}).items()}
-        found.append(
-            DeadLetter(
-                seq=msg.seq or 0,
-                subject=subject,
-                task_id=headers.get(wire.ID, ""),
-                reason=headers.get(wire.DEAD_REASON, ""),
-                error_type=headers.get(wire.ERROR_TYPE, ""),
-                error=headers.get(wire.ERROR, ""),
-                attempts=int(headers.get(wire.ATTEMPTS, "0") or 0),
-                original_subject=headers.get(wire.ORIGINAL_SUBJECT, ""),
-                died_at=headers.get(wire.DIED_AT, ""),
-                body=msg.data or b"",
-                headers=headers,
-                stored_at=msg.time,
+            msg = await answered(
+                f"dead letters of {namespace}", js.get_msg, stream, seq, subject, False, True
             )
-        )
+        except NotFoundError:  # no more (or no dead-letter stream yet)
+            break
+        seq = (msg.seq or seq) + 1
+        letter = _letter(msg)
+        if reason is None or letter.reason == reason:
+            found.append(letter)
     return found
+
+
+def _letter(msg: RawStreamMsg) -> DeadLetter:
+    headers = {name: _text(value) for name, value in (msg.headers or {}).items()}
+    return DeadLetter(
+        seq=msg.seq or 0,
+        subject=msg.subject or "",
+        task_id=headers.get(wire.ID, ""),
+        reason=headers.get(wire.DEAD_REASON, ""),
+        error_type=headers.get(wire.ERROR_TYPE, ""),
+        error=headers.get(wire.ERROR, ""),
+        attempts=int(headers.get(wire.ATTEMPTS, "0") or 0),
+        original_subject=headers.get(wire.ORIGINAL_SUBJECT, ""),
+        died_at=headers.get(wire.DIED_AT, ""),
+        body=msg.data or b"",
+        headers=headers,
+        stored_at=msg.time,
+    )
 
 
 async def replay(client: Client, letter: DeadLetter) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from taskframe import wire
+from taskframe import _wire as wire
 
 MAX_LENGTH = 256
 """Longest name or id: well inside the server's 4 KiB protocol line once in a subject."""

@@ -20,20 +20,25 @@ import contextlib
 import logging
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from taskframe.errors import PermissionDeniedError
-from taskframe.tolerant import TolerantClient
+from taskframe._tolerant import TolerantClient
+from taskframe.errors import ConnectError, PermissionDeniedError, UnreachableError
+from taskframe.settings import Settings
 
-__all__ = ["Connection", "Denials", "Violation", "explain", "refusal", "watch"]
+__all__ = ["Connection", "Denials", "Violation", "explain", "open_connection", "refusal", "watch"]
 
-log = logging.getLogger("taskframe.permissions")
+_CONNECT_ATTEMPTS = 3
+
+log = logging.getLogger("taskframe._connection")
 
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.I)
 _DEFAULT_INBOX = "_INBOX"
@@ -290,3 +295,84 @@ class Connection(TolerantClient):
             await self.flush()
             await self.flush()
         await sub.unsubscribe()
+
+
+async def open_connection(
+    settings: Settings, reconnected: Callable[[], Awaitable[None]]
+) -> Connection:
+    """Connect to NATS as `settings` say; after a lost connection, reconnect forever.
+
+    Raises `UnreachableError` (a `ConnectError`) if no server answers, `ConnectError` if
+    one refuses the login or TLS, and `PermissionDeniedError` if the user may not receive
+    replies on its inbox prefix. `reconnected` is awaited after every reconnect.
+    """
+    options = settings.connect_options()
+    nc = Connection(options.get("inbox_prefix"))
+    refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        if nc.denials.record(exc):
+            return
+        reason = refusal(exc) if not nc.is_connected else None
+        if reason is not None and not refused.done():
+            refused.set_result(reason)
+        # Refused before the first connection: the UnreachableError will say it once.
+        quiet = reason is None and not connected and isinstance(exc, OSError)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "nats error: %r", exc)
+
+    async def on_disconnect() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnect() -> None:
+        url = nc.connected_url
+        # Not `netloc`: it carries the user and password of a URL with credentials.
+        if url is not None:
+            log.info("reconnected to NATS at %s:%s", url.hostname, url.port)
+        await reconnected()
+
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            servers=settings.servers,
+            name=f"taskframe:{settings.namespace}",
+            max_reconnect_attempts=_CONNECT_ATTEMPTS,
+            reconnect_time_wait=1,
+            connect_timeout=5,
+            ping_interval=settings.ping_interval,  # type: ignore[arg-type]
+            max_outstanding_pings=3,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            **options,
+        )
+    )
+    # A refused login or certificate will not succeed on the next try: say so at once
+    # rather than after every attempt (nats-py even hangs on some TLS failures).
+    either: set[asyncio.Future[Any]] = {connecting, refused}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if refused.done() and not connecting.done():
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await nc.close()
+        raise ConnectError(
+            f"NATS at {settings.safe_url} refused the connection: {refused.result()}"
+        )
+    try:
+        connecting.result()
+    except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+        reason = f": {refused.result()}" if refused.done() else ""
+        raise UnreachableError(
+            f"cannot reach NATS at {settings.safe_url}: {exc!r}{reason} "
+            "(is a server running? `taskframe server` starts one)"
+        ) from exc
+    # Only the first connection gives up; once connected, reconnect forever (nats-py's
+    # default would give up after 60 tries and leave a worker idle for good).
+    nc.options["max_reconnect_attempts"] = -1
+    connected = True
+    try:
+        await nc.check_inbox()
+    except PermissionDeniedError:
+        await nc.close()
+        raise
+    return nc

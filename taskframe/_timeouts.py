@@ -13,12 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from taskframe.errors import AttemptTimeoutError
+
 T = TypeVar("T")
 _TICK = 0.1  # seconds between looks
-
-
-class AttemptTimeout(TimeoutError):
-    """The handler ran past its timeout and was cancelled."""
 
 
 class Watchdog:
@@ -29,7 +27,7 @@ class Watchdog:
         self._expired: set[asyncio.Task[Any]] = set()
 
     async def call(self, timeout: float | None, work: Callable[[], Awaitable[T]]) -> T:
-        """Await `work()` in the current task; `AttemptTimeout` once `timeout` seconds pass.
+        """Await `work()` in the current task; `AttemptTimeoutError` once `timeout` seconds pass.
 
         A handler that swallows the cancellation still times out: its return value is
         dropped, since the attempt already counts as failed.
@@ -47,7 +45,7 @@ class Watchdog:
             if runner in self._expired:
                 self._expired.discard(runner)
                 runner.uncancel()
-        raise AttemptTimeout(f"attempt exceeded its timeout of {timeout}s")
+        raise AttemptTimeoutError(f"attempt exceeded its timeout of {timeout}s")
 
     async def run(self) -> None:
         """Look for attempts past their deadline until cancelled."""

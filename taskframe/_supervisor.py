@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("taskframe.supervisor")
+log = logging.getLogger("taskframe._supervisor")
 
 READY_FD = "TASKFRAME_READY_FD"
 _GIVE_UP = 10

@@ -11,10 +11,12 @@ import json
 import os
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
+
+from taskframe.errors import ConfigError
 
 MSG_ID = "Nats-Msg-Id"
 TASK = "Tf-Task"
@@ -159,3 +161,16 @@ def json_header(text: str) -> str:
 def dumps(value: Any) -> bytes:
     """Compact JSON for values taskframe writes itself."""
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def due_at(delay: float | None, at: datetime | None) -> datetime | None:
+    """When a task enqueued with `delay` seconds or `at` a time is due; None: at once."""
+    if delay is not None and at is not None:
+        raise ConfigError("give delay or at, not both")
+    if at is not None:
+        if at.tzinfo is None:
+            raise ConfigError("at must be timezone-aware, e.g. datetime.now(UTC)")
+        return at
+    if delay is not None and delay > 0:
+        return datetime.now(UTC) + timedelta(seconds=delay)
+    return None

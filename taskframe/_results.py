@@ -22,9 +22,14 @@ import json
 from enum import StrEnum
 from typing import Any
 
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
-from taskframe import wire
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._retry import answered
+from taskframe.errors import PublishError
 
 
 class TaskState(StrEnum):
@@ -95,3 +100,21 @@ def status_record(
 def parse_record(data: bytes) -> TaskStatus:
     """A stored record as a `TaskStatus`."""
     return TaskStatus.model_validate_json(data)
+
+
+async def read_status(js: JetStreamContext, namespace: str, task_id: str) -> TaskStatus | None:
+    """The final record of `task_id`, else its latest non-final one, else None."""
+    stream = f"KV_{topology.results_bucket(namespace)}"
+    for subject in (
+        topology.result_subject(namespace, task_id),
+        topology.progress_subject(namespace, task_id),
+    ):
+        try:
+            msg = await answered(f"status of {task_id}", js.get_last_msg, stream, subject)
+        except NotFoundError:
+            continue
+        except APIError as exc:
+            raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
+        if msg.data and (msg.headers or {}).get("KV-Operation") is None:
+            return parse_record(msg.data)
+    return None

@@ -26,10 +26,11 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from taskframe import topology, wire
+from taskframe import _topology as topology
+from taskframe import _wire as wire
 from taskframe.settings import Settings
 
-log = logging.getLogger("taskframe.claims")
+log = logging.getLogger("taskframe._claims")
 
 _WRONG_LAST_SEQUENCE = 10071
 _LEASES = 3  # a running claim outlives this many ack_waits without renewal
@@ -63,10 +64,6 @@ class Claims:
         self._stream = f"KV_{topology.claims_bucket(settings.namespace)}"
         self._lease = max(1, math.ceil(settings.ack_wait * _LEASES))
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-
-    async def ensure(self) -> None:
-        """Create or update the claims bucket."""
-        await topology.ensure_stream(self._js, topology.claims_config(self._settings))
 
     def _subject(self, task_id: str) -> str:
         return f"$KV.{topology.claims_bucket(self._settings.namespace)}.{task_id}"

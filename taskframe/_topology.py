@@ -1,4 +1,4 @@
-"""Names of the JetStream objects taskframe uses, and their idempotent provisioning.
+"""Every name taskframe gives a JetStream object, and the configuration it wants for each.
 
     queue q of namespace ns  stream  TF_<ns>_<q>       WorkQueue, subjects <ns>.tasks.<q>.>
                                                        and <ns>.sched.<q>.> (schedules)
@@ -6,51 +6,52 @@
     dead letters             stream  TF_<ns>_DEAD      Limits, subjects <ns>.dead.>, dead_ttl,
                                                        dead_max_bytes (oldest go first)
     results and status       KV      TF_<ns>_results   one key per task id, TTL result_ttl,
-                                                       results_max_bytes (oldest go first)
+                                                       results_max_bytes (oldest go first);
+                                                       non-final status on <ns>.progress.<id>
     exactly-once claims      KV      TF_<ns>_claims    one key per task id, per-message TTLs
     events                   stream  TF_<ns>_EVENTS    Interest, subjects <ns>.events.>
     a subscriber group g     durable pull consumer "group-<g>" on the events stream
+    rate-limit counters      stream  TF_<ns>_RATE      counters, subjects <ns>.rate.>
 
-Provisioning creates what is missing and updates settings that JetStream can change in
-place. A setting it cannot change (say, an existing stream with another retention) is a
-`ConfigError` that names the setting, never a silent mismatch.
+Names and configurations only, no I/O: provision.py creates and checks the objects, and
+_wire.py builds the subjects messages are published to.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-import nats.errors
-from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from taskframe.app import DEFAULT_LANE, QueueOptions
-from taskframe.errors import ConfigError, ConnectError
 from taskframe.settings import Settings
 
 WORKERS = "workers"
-_CANNOT_RESERVE = (10047, 10028)  # "insufficient storage / memory resources available"
-_IMMUTABLE = ("retention", "storage")
-_COMPARED = (
-    "subjects",
-    "num_replicas",
-    "duplicate_window",
-    "max_age",
-    "max_msgs_per_subject",
-    "max_bytes",
-    "discard",
-    "allow_msg_schedules",
-    "allow_msg_ttl",
-)
+DEFAULT_LANE = "default"
+DEFAULT_MAX_IN_FLIGHT = 100_000
+"""Default cap on tasks held by all of a queue's workers together (max_ack_pending)."""
 META_NAMESPACE = "taskframe.namespace"
 META_QUEUE = "taskframe.queue"
 META_KIND = "taskframe.kind"
-_API_ATTEMPTS = 4
-T = TypeVar("T")
-P = ParamSpec("P")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """How a queue is served by every worker of the namespace."""
+
+    priorities: tuple[str, ...] = ()
+    """Lanes, highest first; must contain "default". Empty: one lane, first in first out."""
+    max_in_flight: int | None = None
+    """Tasks held at once by all workers together, enforced by the server (per lane)."""
+    rate_limit: str | None = None
+    """Task starts allowed across all workers, e.g. "100/s" or "600/m"."""
+    duplicate_window: float | None = None
+    """Seconds an idempotency key is remembered; default `Settings.duplicate_window`."""
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        """The lanes to serve, highest priority first."""
+        return self.priorities or (DEFAULT_LANE,)
 
 
 def queue_stream(namespace: str, queue: str) -> str:
@@ -247,153 +248,23 @@ def group_config(
     return _consumer(settings, group_consumer(group), max_in_flight, filters)
 
 
-def _differences(
-    have: js_api.StreamConfig, want: js_api.StreamConfig, fields: tuple[str, ...]
-) -> list[str]:
-    diffs = []
-    for name in fields:
-        ours: Any = getattr(want, name)
-        theirs: Any = getattr(have, name)
-        if ours is None or (name == "duplicate_window" and not ours):
-            continue  # unset (nats-py's default duplicate_window is 0): the server picks
-        if isinstance(ours, float) and isinstance(theirs, float | int):
-            if abs(ours - theirs) > 1e-6:
-                diffs.append(f"{name}={theirs!r} (taskframe wants {ours!r})")
-        elif ours != theirs:
-            diffs.append(f"{name}={theirs!r} (taskframe wants {ours!r})")
-    return diffs
+def rate_stream(namespace: str) -> str:
+    """The counter stream of `namespace`'s rate limits."""
+    return f"TF_{namespace}_RATE"
 
 
-async def answered(
-    what: str, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """`call(*args, **kwargs)`, again when JetStream does not answer (a cluster electing a leader).
-
-    In a cluster, a request about a stream that another client is creating at this
-    moment, or whose leader is being elected, goes unanswered, or is answered 503
-    "JetStream system temporarily unavailable", until the leader is in place: a few
-    seconds at most, so a few tries bridge it. A cluster that lost its quorum stays
-    unavailable: that ends in `ConnectError`, never in a raw nats-py error.
-    """
-    for attempt in range(_API_ATTEMPTS):
-        try:
-            return await call(*args, **kwargs)
-        except (
-            nats.errors.TimeoutError,
-            nats.errors.NoRespondersError,
-            ServiceUnavailableError,
-        ) as exc:
-            if attempt == _API_ATTEMPTS - 1:
-                raise ConnectError(f"JetStream did not answer about {what}: {exc!r}") from exc
-            await asyncio.sleep(0.25 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-async def ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
-    """Create the stream `want`, or bring an existing one in line with it."""
-    assert want.name is not None
-    await answered(f"stream {want.name}", _ensure_stream, js, want)
-
-
-async def _ensure_stream(js: JetStreamContext, want: js_api.StreamConfig) -> None:
-    assert want.name is not None
-    try:
-        info = await js.stream_info(want.name)
-    except NotFoundError:
-        try:
-            await js.add_stream(want)
-        except ServiceUnavailableError:
-            raise  # not a refusal of the config: answered() tries again
-        except APIError as exc:
-            raise ConfigError(f"cannot create stream {want.name}: {_why(want, exc)}") from exc
-        return
-    have = info.config
-    fixed = _differences(have, want, _IMMUTABLE)
-    if fixed:
-        raise ConfigError(
-            f"stream {want.name} exists with {', '.join(fixed)}; these cannot be changed in "
-            "place: delete the stream or use another namespace"
-        )
-    if _differences(have, want, _COMPARED):
-        try:
-            await js.update_stream(want)
-        except ServiceUnavailableError:
-            raise
-        except APIError as exc:
-            diffs = ", ".join(_differences(have, want, _COMPARED))
-            raise ConfigError(
-                f"cannot update stream {want.name} ({diffs}): {_why(want, exc)}"
-            ) from exc
-
-
-def _why(want: js_api.StreamConfig, exc: APIError) -> str:
-    """The server's reason for refusing `want`, with what to do when it cannot reserve it."""
-    if exc.err_code in _CANNOT_RESERVE and (want.max_bytes or 0) > 0:
-        return (
-            f"{exc.description}: its max_bytes of {want.max_bytes} must be reserved out of the "
-            "server's max_file_store (max_memory_store for memory storage), and less than "
-            "that is unreserved (lower results_max_bytes / dead_max_bytes, or raise the limit)"
-        )
-    return str(exc.description)
-
-
-async def ensure_consumer(
-    js: JetStreamContext, stream: str, want: js_api.ConsumerConfig
-) -> js_api.ConsumerInfo:
-    """Create the durable consumer `want`, or update it in place (the server's create-or-update)."""
-    try:
-        return await answered(f"consumer {want.name} on {stream}", js.add_consumer, stream, want)
-    except APIError as exc:
-        raise ConfigError(
-            f"cannot create consumer {want.name} on {stream}: {exc.description}"
-        ) from exc
-
-
-async def ensure_queue(
-    js: JetStreamContext, settings: Settings, queue: str, options: QueueOptions | None = None
-) -> None:
-    """Create or update the stream of `queue`."""
-    await ensure_stream(js, queue_config(settings, queue, options))
-
-
-async def ensure_lanes(
-    js: JetStreamContext,
-    settings: Settings,
-    queue: str,
-    options: QueueOptions,
-    max_in_flight: int,
-) -> None:
-    """Create or update the consumers of `queue`'s lanes; delete lanes no longer declared.
-
-    Consumers on a WorkQueue stream must not overlap, so stale lanes go first and the
-    default lane is updated before new lanes are added.
-    """
-    stream = queue_stream(settings.namespace, queue)
-    wanted = lane_configs(settings, queue, options, max_in_flight)
-    names = {config.name for _, config in wanted}
-    for info in await answered(f"consumers of {stream}", js.consumers_info, stream):
-        if info.name.startswith(f"{WORKERS}-") and info.name not in names:
-            await answered(f"consumer {info.name}", js.delete_consumer, stream, info.name)
-    for _, config in wanted:
-        await ensure_consumer(js, stream, config)
-
-
-async def queue_streams(
-    js: JetStreamContext, namespace: str | None = None
-) -> list[tuple[str, str, js_api.StreamInfo]]:
-    """(namespace, queue, stream info) of every taskframe queue (of `namespace`, if given)."""
-    found = []
-    for info in await answered("the streams", js.streams_info):
-        meta = info.config.metadata or {}
-        ns, queue = meta.get(META_NAMESPACE), meta.get(META_QUEUE)
-        if meta.get(META_KIND) != "queue" or ns is None or queue is None:
-            continue
-        if namespace is None or ns == namespace:
-            found.append((ns, queue, info))
-    return found
-
-
-async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update the namespace's dead-letter stream and results bucket."""
-    await ensure_stream(js, dead_config(settings))
-    await ensure_stream(js, results_config(settings))
+def rate_config(settings: Settings, max_age: float) -> js_api.StreamConfig:
+    """The counter stream configuration, keeping counters for `max_age` seconds."""
+    ns = settings.namespace
+    file = settings.storage == "file"
+    return js_api.StreamConfig(
+        name=rate_stream(ns),
+        subjects=[f"{ns}.rate.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=js_api.StorageType.FILE if file else js_api.StorageType.MEMORY,
+        num_replicas=settings.replicas,
+        max_age=max_age,
+        max_msgs_per_subject=1,  # the last increment holds the total
+        allow_msg_counter=True,
+        metadata={META_NAMESPACE: ns, META_KIND: "rate"},
+    )

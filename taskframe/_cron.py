@@ -9,20 +9,9 @@ to the end), or a comma-separated list of these. Months may be named jan..dec an
 sun..sat (0 is Sunday), in any case. A day matches when both day fields match, except that
 when neither is `*` a day matching either one is enough (as in Vixie cron).
 
-What nats-server 2.15.1 does, checked by publishing schedules to it (tests/test_cron.py keeps
-checking the parser against it):
-- it rejects 5- and 7-field crons, a weekday of 7, ranges that run backwards (`sat-sun`),
-  crons that cannot fire within five years (`0 0 0 30 feb *`), `@every` under 1 s or
-  without a unit, upper-case `@DAILY`, and a time zone together with `@every`;
-- `@every` fires on the grid `round(stored time to the second) + k * interval`, re-anchored
-  at `now` if the server fell behind (say, after a restart). A fractional interval is
-  accepted but re-rounded on every tick: `@every 1.5s` fired every 2 s, `@every 1.4s`
-  every 1 s. So this module takes whole seconds only;
-- a cron fires at the first matching second after the previous fire (for the first fire,
-  after the time the schedule was stored, rounded to the second).
-
-This parser is stricter than the server in a few corners the server lets through silently
-(`+5`, `*-5`, empty list items), and rejects the server's special zone name "Local".
+What the server accepts and when it fires is in docs/server-behaviour.md; this parser is
+stricter than the server in a few corners it lets through silently (`+5`, `*-5`, empty list
+items), takes whole seconds only for `@every`, and rejects the zone name "Local".
 """
 
 from __future__ import annotations

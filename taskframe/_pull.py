@@ -1,27 +1,16 @@
-"""A continuous pull on one durable consumer: pull requests are kept outstanding, so a worker
-is fed as soon as a message is stored instead of asking for a batch and waiting for it.
+"""The continuous pull: how a worker is fed, and where its messages wait for a runner.
 
-A feed asks for at most `capacity - held - pending` messages, where `held` counts delivered
-messages not yet finished and `pending` those asked for but not yet delivered. The feeds of
-one pool (the priority lanes of a queue) share a `Credit`, so a worker holds about
-`capacity` messages per pool. The server answers a request with up to `batch` messages,
-then (when the request expires or is cut short) a status message saying how many it did
-not deliver: 100 idle heartbeat, 408 request expired, 409 request ended early (consumer
-deleted, leadership change, limits), 503 no such consumer. Requests die silently when the
-connection drops, so every reconnect starts over.
+A pool is what the routes of one queue (its priority lanes) or one subscriber group share:
+one credit (how many messages may be held), one buffer, and `concurrency` runners. Each
+route has a feed that keeps pull requests outstanding on its durable consumer, so a
+worker is fed as soon as a message is stored, asking for at most
+`capacity - held - pending` messages. Lower lanes ask only once higher ones are drained.
 
-Requests expire within half a lease (`ack_wait`) and carry idle heartbeats, so a connection
-that went silent (a half-open TCP connection, a network black hole) is noticed within half
-a lease: the feed then checks the connection with a ping, reconnects if the server does not
-answer, and asks afresh on a new inbox, so deliveries still buffered for the old requests
-are dropped. Each delivery is handed over with the time its oldest open request was sent,
-where its lease starts (see leases.py).
-
-Priority lanes: a lane's feed asks for nothing while a higher lane of its pool still has a
-backlog (each delivery tells how many messages its consumer still has), so lower lanes
-are fetched only once higher ones are drained. The top lane always keeps one request
-open, even with the pool's credit used up, so an urgent task is delivered at once and
-runs in the next free slot.
+Requests expire within half a lease and carry idle heartbeats: a silent connection is
+noticed within half a lease, pinged, replaced, and asked again on a new inbox. Each
+delivery is handed over with the time its oldest open request was sent, where its lease
+starts (see _leases.py). What the server answers a pull request, and when, is in
+docs/server-behaviour.md.
 """
 
 from __future__ import annotations
@@ -34,16 +23,21 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import api as js_api
 
-from taskframe import wire
+from taskframe import _wire as wire
+from taskframe._leases import Lease
+from taskframe._ratelimit import RateLimiter
+from taskframe.app import Handler
 
-log = logging.getLogger("taskframe.feed")
+log = logging.getLogger("taskframe._pull")
 
 EXPIRES = 30.0  # at most; a request lives at most half a lease
 _BACKLOG_FRESH = 1.0  # seconds a reported backlog is trusted (other workers drain it too)
@@ -304,3 +298,66 @@ class Feed:
             self.reset()
         elif status != "409" or "Exceeded" in description:
             log.warning("pull request on %s ended: %s %s", self._next, status, description)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One consumer a worker pulls from: a queue's lane, or a subscriber group."""
+
+    stream: str
+    consumer: js_api.ConsumerConfig
+    rank: int  # lane order: 0 is served first
+    handlers: dict[str, Handler[Any]]
+    queue: str | None = None  # set for task routes
+    group: str | None = None  # set for event routes
+
+    @property
+    def label(self) -> str:
+        """How logs name this route."""
+        return f"queue {self.queue}" if self.queue else f"group {self.group}"
+
+
+class Buffer:
+    """Delivered messages waiting for a runner, highest lane first.
+
+    A message that arrives while a runner waits goes straight to that runner; this is the
+    one hand-off every message makes, so it is kept leaner than an `asyncio.Queue`.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        self._lanes: list[deque[tuple[Lease, Route]]] = [deque() for _ in range(lanes)]
+        self._waiting: deque[asyncio.Future[tuple[Lease, Route]]] = deque()
+
+    def put(self, lease: Lease, route: Route) -> None:
+        while self._waiting:
+            runner = self._waiting.popleft()
+            if not runner.done():  # a runner cancelled at shutdown no longer waits
+                runner.set_result((lease, route))
+                return
+        self._lanes[route.rank].append((lease, route))
+
+    async def get(self) -> tuple[Lease, Route]:
+        for lane in self._lanes:
+            if lane:
+                return lane.popleft()
+        runner: asyncio.Future[tuple[Lease, Route]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(runner)
+        return await runner
+
+    def drain(self) -> list[tuple[Lease, Route]]:
+        """Take everything waiting, at once."""
+        items = [item for lane in self._lanes for item in lane]
+        for lane in self._lanes:
+            lane.clear()
+        return items
+
+
+@dataclass
+class Pool:
+    """The runners, buffer and credit that the routes of one queue (or group) share."""
+
+    name: str
+    credit: Credit
+    buffer: Buffer
+    feeds: list[Feed] = field(default_factory=list)
+    limiter: RateLimiter | None = None
