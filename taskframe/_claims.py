@@ -61,12 +61,12 @@ class Claims:
     def __init__(self, js: JetStreamContext, settings: Settings) -> None:
         self._js = js
         self._settings = settings
-        self._stream = f"KV_{topology.claims_bucket(settings.namespace)}"
+        self._stream = topology.claims_stream(settings.namespace)
         self._lease = max(1, math.ceil(settings.ack_wait * _LEASES))
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def _subject(self, task_id: str) -> str:
-        return f"$KV.{topology.claims_bucket(self._settings.namespace)}.{task_id}"
+        return topology.claim_subject(self._settings.namespace, task_id)
 
     async def _write(
         self, task_id: str, state: str, last: int, ttl: float, record: bytes | None = None

@@ -162,9 +162,7 @@ async def dead_letters(
     Pass the last letter's `seq` as `after` to read the next page.
     """
     stream = topology.dead_stream(namespace)
-    subject = f"{namespace}.dead.>"
-    if queue or task:
-        subject = f"{namespace}.dead.{queue or '*'}.{task or '*'}"
+    subject = topology.dead_filter(namespace, queue, task)
     found: list[DeadLetter] = []
     seq = after + 1
     while len(found) < limit:

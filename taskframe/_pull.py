@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 
+from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._leases import Lease
 from taskframe._ratelimit import RateLimiter
@@ -99,8 +100,8 @@ class Feed:
         self._nc = nc
         self._expires = min(EXPIRES, ack_wait / 2)
         self._heartbeat = self._expires / 4
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._info = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
+        self._next = topology.next_subject(stream, consumer)
+        self._info = topology.consumer_info_subject(stream, consumer)
         self._inbox = nc.new_inbox()
         self.credit = credit
         credit.feeds.append(self)

@@ -81,7 +81,7 @@ async def _queue_info(
             f"dead letters of {queue}",
             js.stream_info,
             topology.dead_stream(namespace),
-            subjects_filter=f"{namespace}.dead.{queue}.>",
+            subjects_filter=topology.dead_filter(namespace, queue),
         )
         dead = sum((letters.state.subjects or {}).values())
     paused = bool(consumers) and all(c.paused for c in consumers)

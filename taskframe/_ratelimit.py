@@ -40,6 +40,7 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
+from taskframe import _topology as topology
 from taskframe._publish import TRANSIENT
 from taskframe._retry import answered
 from taskframe._topology import rate_config, rate_stream
@@ -118,7 +119,7 @@ class RateLimiter:
         self.max_batch = max_batch or max(1, min(256, limit.count // 10))
         self._js = js
         self._settings = settings
-        self._subject = f"{settings.namespace}.rate.{name}.{int(limit.per_seconds)}"
+        self._subject = topology.rate_subject(settings.namespace, name, int(limit.per_seconds))
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._window = -1  # the window `_spare` belongs to

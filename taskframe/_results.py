@@ -104,7 +104,7 @@ def parse_record(data: bytes) -> TaskStatus:
 
 async def read_status(js: JetStreamContext, namespace: str, task_id: str) -> TaskStatus | None:
     """The final record of `task_id`, else its latest non-final one, else None."""
-    stream = f"KV_{topology.results_bucket(namespace)}"
+    stream = topology.results_stream(namespace)
     for subject in (
         topology.result_subject(namespace, task_id),
         topology.progress_subject(namespace, task_id),

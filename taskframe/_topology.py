@@ -94,6 +94,43 @@ def result_subject(namespace: str, task_id: str) -> str:
     return f"$KV.{results_bucket(namespace)}.{task_id}"
 
 
+def results_stream(namespace: str) -> str:
+    """The stream behind the results bucket (it also stores the progress subjects)."""
+    return f"KV_{results_bucket(namespace)}"
+
+
+def claims_stream(namespace: str) -> str:
+    """The stream behind the claims bucket."""
+    return f"KV_{claims_bucket(namespace)}"
+
+
+def claim_subject(namespace: str, task_id: str) -> str:
+    """The subject of a task's exactly-once claim (a KV key)."""
+    return f"$KV.{claims_bucket(namespace)}.{task_id}"
+
+
+def dead_filter(namespace: str, queue: str | None = None, task: str | None = None) -> str:
+    """The subjects of a namespace's dead letters, of one queue and task name if given."""
+    if queue or task:
+        return f"{namespace}.dead.{queue or '*'}.{task or '*'}"
+    return f"{namespace}.dead.>"
+
+
+def rate_subject(namespace: str, name: str, per_seconds: int) -> str:
+    """The prefix of the counter subjects of rate limit `name` (one subject per window)."""
+    return f"{namespace}.rate.{name}.{per_seconds}"
+
+
+def next_subject(stream: str, consumer: str) -> str:
+    """The JetStream API subject a pull request for `consumer` is published to."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+
+
+def consumer_info_subject(stream: str, consumer: str) -> str:
+    """The JetStream API subject that answers with `consumer`'s info."""
+    return f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
+
+
 def progress_subject(namespace: str, task_id: str) -> str:
     """The subject a task's non-final status (`running`, `failed`) is written to.
 
