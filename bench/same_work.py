@@ -10,6 +10,12 @@ single-process taskframe worker on the same server. Enqueueing compares raw
 `enqueue_many`:
 
     python -m bench.same_work [--n 20000] [--rounds 3] [--out bench/results/same_work.md]
+
+With `--default-path` it measures the path a user of the README gets instead (a CLI worker
+whose task keeps its result) against raw nats-py with and without one KV put per task;
+see `bench/default_path.py`:
+
+    python -m bench.same_work --default-path [--n 20000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
 from pydantic import BaseModel
 
+from bench import default_path
 from taskframe import App, Context, Task, Worker, connect, provision
 from taskframe._server import NatsServer
 
@@ -165,8 +172,24 @@ def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/same_work.md"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--default-path",
+        action="store_true",
+        help="CLI worker keeping results vs raw pull and raw pull + KV put (default_path.md)",
+    )
+    parser.add_argument(
+        "--kv-window",
+        type=int,
+        default=1024,
+        help="--default-path: messages the raw KV loop requests or awaits PubAcks for at once",
+    )
     args = parser.parse_args()
+    if args.default_path:
+        out = args.out or Path("bench/results/default_path.md")
+        default_path.run(args.n, args.rounds, out, args.kv_window)
+        return
+    args.out = args.out or Path("bench/results/same_work.md")
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as store, NatsServer(port=-1, store_dir=store) as server:
         raws, ours = asyncio.run(main(server.url, args.n, args.rounds))
