@@ -53,10 +53,10 @@ from pydantic import BaseModel
 
 from bench import procs
 from bench.default_path_app import NAMESPACE_ENV, QUEUE, RESULTS_ENV, TASK_NAME, Noop, build_app
-from taskframe import Worker, connect
 from taskframe import _topology as topology
+from taskframe import connect, provision
 from taskframe._server import NatsServer, server_binary
-from taskframe.app import QueueOptions
+from taskframe._topology import QueueOptions
 from taskframe.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +149,9 @@ async def _provision_raw(nc: NATS, namespace: str, results: bool) -> tuple[str, 
     js = nc.jetstream()
     settings = _settings(namespace)
     await js.add_stream(topology.queue_config(settings, QUEUE))
-    _, consumer = topology.lane_configs(settings, QUEUE, QueueOptions(), Worker.MAX_IN_FLIGHT)[0]
+    _, consumer = topology.lane_configs(
+        settings, QUEUE, QueueOptions(), topology.DEFAULT_MAX_IN_FLIGHT
+    )[0]
     stream = topology.queue_stream(namespace, QUEUE)
     await js.add_consumer(stream, consumer)
     if results:
@@ -431,11 +433,11 @@ async def cli(
     namespace = f"{'cr' if results else 'cn'}{tag}"
     app = build_app(namespace, results=results)
     async with connect(url, namespace=namespace) as client:
-        await Worker(app, client).provision()  # as `taskframe provision` before a deploy
+        await provision(app, client)  # as `taskframe provision` before a deploy
         await client.enqueue_many(Noop(n=i) for i in range(n))
     nc = await nats.connect(url)
     stream = topology.queue_stream(namespace, QUEUE)
-    info = f"$JS.API.CONSUMER.INFO.{stream}.{topology.WORKERS}"
+    info = topology.consumer_info_subject(stream, topology.WORKERS)
     full_env = {
         **os.environ,
         "TASKFRAME_URL": url,
