@@ -223,10 +223,6 @@ class NatsCluster:
         """SIGKILL one node, as a crash would."""
         self.node(which).kill()
 
-    def stop_node(self, which: int | str) -> None:
-        """Stop one node gracefully (SIGTERM)."""
-        self.node(which).stop()
-
     def signal(self, which: int | str, sig: int) -> None:
         """Send `sig` to one node (SIGSTOP / SIGCONT freeze and thaw it)."""
         self.node(which).signal(sig)

@@ -54,8 +54,6 @@ class Handler(Generic[M]):
     is_async: bool
     result: TypeAdapter[Any]
     exactly_once: bool = False
-    group: str | None = None
-    """The subscriber group, for event handlers."""
     name: str = ""
     """The task or event name this handler answers to."""
     keeps_result: bool = False
@@ -200,7 +198,7 @@ class App:
             if key in self.subscribers:
                 raise ConfigError(f"group {group} already subscribes to {model.__tf_name__}")
             self.subscribers[key] = _handler(
-                model, fn, max_attempts, timeout, backoff, TypeAdapter(Any), group=group
+                model, fn, max_attempts, timeout, backoff, TypeAdapter(Any)
             )
             return fn
 
@@ -256,7 +254,6 @@ def _handler(
     result: TypeAdapter[Any],
     *,
     exactly_once: bool = False,
-    group: str | None = None,
 ) -> Handler[M]:
     return Handler(
         model=model,
@@ -267,7 +264,6 @@ def _handler(
         is_async=inspect.iscoroutinefunction(fn),
         result=result,
         exactly_once=exactly_once,
-        group=group,
         name=getattr(model, "__tf_name__", model.__name__),
         keeps_result=bool(getattr(model, "__tf_results__", False)),
     )
