@@ -19,6 +19,7 @@ final record. A reader takes the key, else the progress subject, else `queued`.
 from __future__ import annotations
 
 import json
+import time
 from enum import StrEnum
 from typing import Any
 
@@ -27,7 +28,6 @@ from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
 from taskframe import _topology as topology
-from taskframe import _wire as wire
 from taskframe._retry import answered
 from taskframe.errors import PublishError
 
@@ -82,19 +82,49 @@ def status_record(
     result_json: bytes | None = None,
     error: ErrorInfo | None = None,
 ) -> bytes:
-    """A status record as stored, with an already-encoded result spliced in without re-parsing."""
-    head = {
-        "id": task_id,
-        "task": task,
-        "state": state.value,
-        "attempt": attempt,
-        "updated_at": wire.now_rfc3339(),
-        "error": error.model_dump() if error else None,
-    }
-    body = json.dumps(head, separators=(",", ":")).encode()
+    """A status record as stored, with an already-encoded result spliced in without re-parsing.
+
+    The fields in the order docs/wire-format.md shows: id, task, state, attempt,
+    updated_at, error, then result. Without an error, and with an id and a name that JSON
+    writes as they are (always, once `_inbound` checked them), the record is filled into a
+    template: the same bytes as `json.dumps` would give, at a fraction of its cost (one is
+    written for every task that keeps its result).
+    """
+    if error is None and _plain(task_id) and _plain(task):
+        head = (
+            f'{{"id":"{task_id}","task":"{task}","state":"{state.value}","attempt":{attempt:d},'
+            f'"updated_at":"{_now()}","error":null'
+        ).encode()
+    else:
+        fields = {
+            "id": task_id,
+            "task": task,
+            "state": state.value,
+            "attempt": attempt,
+            "updated_at": _now(),
+            "error": error.model_dump() if error else None,
+        }
+        head = json.dumps(fields, separators=(",", ":")).encode()[:-1]
     if result_json is None:
-        return body
-    return body[:-1] + b',"result":' + result_json + b"}"
+        return head + b"}"
+    return head + b',"result":' + result_json + b"}"
+
+
+def _plain(text: str) -> bool:
+    """Whether `json.dumps` writes `text` as it is, between quotes (no escapes)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+_second: tuple[int, str] = (-1, "")  # the last second `_now` formatted, and its text
+
+
+def _now() -> str:
+    """`wire.now_rfc3339()`, the same text, with the second's text kept between calls."""
+    global _second
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    if _second[0] != seconds:
+        _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{_second[1]}.{micros:06d}Z"
 
 
 def parse_record(data: bytes) -> TaskStatus:
