@@ -161,9 +161,10 @@ class Attempts:
             heartbeat=functools.partial(self._leases.renew, lease),
         )
         if keeps:
-            # Written by the lease keeper once the attempt has run a while: most tasks finish
-            # sooner, and one status write per task instead of two doubles their throughput.
-            lease.running = (task_id, status_record(task_id, name, TaskState.RUNNING, attempt))
+            # Built and written by the lease keeper once the attempt has run a while: most
+            # tasks finish sooner, and one status write per task instead of two doubles their
+            # throughput.
+            lease.running = (task_id, name, attempt)
         result_json = b"null"
         try:
             value = await self._call(handler, task, ctx)

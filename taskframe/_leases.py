@@ -44,8 +44,9 @@ class Lease:
     lost: bool = False
     started: bool = False
     claim: Claim | None = None
-    running: tuple[str, bytes] | None = None
-    """A `running` status to write if the attempt is still running at the next renewal."""
+    running: tuple[str, str, int] | None = None
+    """The attempt's task id, task name and attempt number while a `running` status is still
+    to be written: written if the attempt still runs at the keeper's next round."""
     renewing: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def valid(self) -> bool:
@@ -61,7 +62,8 @@ class Leases:
         ack_wait: the consumers' ack_wait, in seconds.
         on_stall: called when the loop stood still longer than `ack_wait`; every lease was
             dropped, and deliveries still on their way are stale.
-        write_running: writes a `running` status record (task id, record).
+        write_running: writes a `running` status record (task id, task name, attempt); the
+            record is built then, for the few attempts that run that long.
         on_lost: called once for each lease given up.
 
     `renew_claim`, when set, extends an exactly-once claim along with its message's lease.
@@ -72,7 +74,7 @@ class Leases:
         nc: NATS,
         ack_wait: float,
         on_stall: Callable[[], None],
-        write_running: Callable[[str, bytes], Awaitable[None]],
+        write_running: Callable[[str, str, int], Awaitable[None]],
         on_lost: Callable[[], None],
     ) -> None:
         self.ack_wait = ack_wait
@@ -207,9 +209,8 @@ class Leases:
                 )
                 continue
             if lease.running is not None:
-                task_id, record = lease.running
-                lease.running = None
-                await self._write_running(task_id, record)
+                running, lease.running = lease.running, None
+                await self._write_running(*running)
             if lease.expires - now < self.ack_wait - period:
                 self._renew_soon(lease)
 

@@ -24,6 +24,7 @@ from taskframe._claims import Claims
 from taskframe._leases import Leases
 from taskframe._pull import Buffer, Credit, Feed, Pool, Route
 from taskframe._ratelimit import RateLimit, RateLimiter
+from taskframe._results import TaskState, status_record
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe.app import App
 from taskframe.client import Client
@@ -253,7 +254,8 @@ class Worker:
             for feed in pool.feeds:
                 feed.reset(new_inbox=True)
 
-    async def _running(self, task_id: str, record: bytes) -> None:
+    async def _running(self, task_id: str, name: str, attempt: int) -> None:
+        record = status_record(task_id, name, TaskState.RUNNING, attempt)
         await self._settler.progress(task_id, record)
 
     async def _runner(self, pool: Pool, attempts: Attempts) -> None:
