@@ -6,22 +6,25 @@ Installed with taskframe, the plugin gives every test session these fixtures:
     namespace     a fresh namespace per test, so tests never share streams
     client        an open `Client` for that namespace
 
-and `running_worker` / `work_until` run a real worker in the test's event loop:
+`running_worker` runs a real worker in the test's event loop, and `eventually` waits for
+what has no event to wait on (a count, a status, a line in a log):
 
     async def test_resize(client):
         run = await client.enqueue(ResizeImage(url="a.png"))
-        async with running_worker(app_for(client), client):
+        async with running_worker(app_for(client), client) as worker:
             assert await run.result(timeout=5) == "a.thumb.png"
+            await eventually(lambda: worker.stats.succeeded == 1, "the resize to be acked")
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import pytest
 
@@ -30,14 +33,55 @@ from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.worker import Worker
 
-__all__ = ["NatsServer", "running_worker", "work_until"]
+__all__ = ["NatsServer", "eventually", "running_worker"]
+
+T = TypeVar("T")
+
+
+@overload
+async def eventually(
+    condition: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.05,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    condition: Callable[[], T], what: str, *, timeout: float = 15.0, interval: float = 0.05
+) -> T: ...
+
+
+async def eventually(
+    condition: Callable[[], Any], what: str, *, timeout: float = 15.0, interval: float = 0.05
+) -> Any:
+    """Call `condition` every `interval` seconds until it returns a true value; return it.
+
+    `condition` is a plain function or an async one (`lambda: worker.stats.dead == 1`,
+    `lambda: client.status(task_id)`). Fails the test with an `AssertionError` that says
+    what it was waiting for if no true value came within `timeout` seconds; an exception
+    the condition raises ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 @asynccontextmanager
 async def running_worker(app: App, client: Client, **options: Any) -> AsyncIterator[Worker]:
     """Run a worker for `app` in the current loop; stop it gracefully on exit.
 
-    `options` go to `Worker` (queues, concurrency, grace, ...). Yields once it is pulling.
+    `options` go to `Worker` (queues, concurrency, grace, ...). Yields once it is pulling;
+    a worker that fails to start raises its error here.
     """
     worker = Worker(app, client, **options)
     runner = asyncio.create_task(worker.run(), name="taskframe-test-worker")
@@ -51,35 +95,6 @@ async def running_worker(app: App, client: Client, **options: Any) -> AsyncItera
     finally:
         worker.stop()
         await runner
-
-
-async def work_until(
-    app: App,
-    client: Client,
-    condition: Callable[[Worker], bool],
-    *,
-    timeout: float = 10.0,
-    **options: Any,
-) -> Worker:
-    """Run a worker until `condition(worker)` holds, then stop it and return it.
-
-    The condition is checked each time the worker settles a message. Raises `TimeoutError`
-    if it does not hold within `timeout` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    async with running_worker(app, client, **options) as worker:
-        while not condition(worker):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"condition not met within {timeout}s: {worker!r}")
-            worker.progress.clear()
-            if condition(worker):
-                break
-            try:
-                await asyncio.wait_for(worker.progress.wait(), remaining)
-            except TimeoutError:
-                continue
-    return worker
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,6 @@
-"""Task models and apps shared by tests, importable by worker subprocesses too."""
+"""Task models and an app shared by the in-process tests."""
 
 import asyncio
-import os
-import time
-from pathlib import Path
 
 from taskframe import App, Backoff, Context, Reject, Retry, Task
 
@@ -72,29 +69,3 @@ def build(namespace: str, calls: list[str] | None = None) -> App:
         seen.append(f"quiet:{job.n}")
 
     return app
-
-
-class Ledgered(Task[str], queue="ledger"):
-    """A task whose handler writes each start and finish to a ledger file."""
-
-    seconds: float = 0.0
-
-
-def ledger_app() -> App:
-    """For worker subprocesses: namespace and ledger path from the environment."""
-    app = App(os.environ["TEST_NAMESPACE"])
-    ledger = Path(os.environ["TEST_LEDGER"])
-
-    @app.handle(Ledgered, max_attempts=5, timeout=60.0)
-    async def work(job: Ledgered, ctx: Context) -> str:
-        _append(ledger, f"start {ctx.task_id} {ctx.attempt} {os.getpid()}")
-        await asyncio.sleep(job.seconds)
-        _append(ledger, f"done {ctx.task_id} {ctx.attempt} {os.getpid()}")
-        return ctx.task_id
-
-    return app
-
-
-def _append(path: Path, line: str) -> None:
-    with path.open("a") as f:  # one short O_APPEND write per line: safe across processes
-        f.write(f"{line} {time.time():.6f}\n")

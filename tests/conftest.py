@@ -1,20 +1,26 @@
-"""Fixtures of the fault suite, and its summary: every recorded scenario's figures as a table.
+"""The suite's fixtures, defined once, and the fault summary: every scenario's figures as a table.
 
-With TASKFRAME_FAULT_SUMMARY=<path> the table is written there at the end of the session
-(`./scripts/faults` writes docs/faults.md). The fixtures nats_server, namespace and client
-come from the taskframe pytest plugin.
+The fixtures nats_server, namespace and client come from the taskframe pytest plugin
+(taskframe/testing.py); these are the ones only this suite needs. With
+TASKFRAME_FAULT_SUMMARY=<path> the fault table is written there at the end of the session
+(`./scripts/faults` writes docs/faults.md).
 """
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from taskframe._server import NatsServer
+from taskframe import App, Worker, connect
+from taskframe.testing import NatsServer, running_worker
 from tests.faultkit import Procs
 from tests.ledger import RECORDED, summary_markdown, write_summary
+
+Workers = Callable[..., AbstractAsyncContextManager[list[Worker]]]
 
 _outcomes: dict[str, tuple[str, float]] = {}
 
@@ -36,6 +42,29 @@ def own_server(tmp_path: Path) -> Iterator[NatsServer]:
         if server.process is not None:
             server.signal(signal.SIGCONT)  # a frozen server would ignore SIGTERM until killed
         server.stop()
+
+
+@pytest.fixture
+def workers(nats_server: NatsServer) -> Workers:
+    """`async with workers(app, 3, **options) as running:` three in-process workers of `app`.
+
+    Each has a connection of its own (ack_wait 2 s), as separate processes would; `options`
+    go to every `Worker`.
+    """
+
+    @asynccontextmanager
+    async def start(app: App, count: int, **options: Any) -> AsyncIterator[list[Worker]]:
+        async with AsyncExitStack() as stack:
+            started = []
+            for _ in range(count):
+                client = await stack.enter_async_context(
+                    connect(nats_server.url, namespace=app.namespace, ack_wait=2.0)
+                )
+                worker = running_worker(app, client, **options)
+                started.append(await stack.enter_async_context(worker))
+            yield started
+
+    return start
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -1,17 +1,17 @@
 """The app that fault and CLI tests run in worker subprocesses (`tests.fault_apps:app`).
 
 The CLI needs a module-level App, so this one is built at import from the environment:
-TEST_NAMESPACE names its namespace, TEST_LEDGER (optional) a file where every handler
-appends `start|done|fail <task_id> <attempt> <pid> <unix time>` lines, so a test can see
+TEST_NAMESPACE names its namespace, TEST_JOURNAL (optional) the handlers' journal
+(tests/journal.py), where every handler writes `start` and `done` lines, so a test can see
 which process ran which delivery of which task.
 """
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 from taskframe import App, Backoff, Context, Task
+from tests.journal import Journal
 
 FAST = Backoff(initial=0.05, maximum=0.2)
 
@@ -64,14 +64,13 @@ class Poison(Task[None], queue="poison"):
 POISON_ATTEMPTS = 2
 
 
-def build_app(namespace: str, ledger: Path | None) -> App:
-    """The app in `namespace`, writing to `ledger` when it is given."""
+def build_app(namespace: str, journal: Journal | None) -> App:
+    """The app in `namespace`, writing to `journal` when it is given."""
     app = App(namespace)
 
     def note(kind: str, ctx: Context) -> None:
-        if ledger is not None:
-            with ledger.open("a") as f:  # one short O_APPEND write per line: safe across processes
-                f.write(f"{kind} {ctx.task_id} {ctx.attempt} {os.getpid()} {time.time():.6f}\n")
+        if journal is not None:
+            journal.write(kind, ctx.task_id, ctx.attempt)
 
     @app.handle(Work, max_attempts=5, timeout=60.0)
     async def work(job: Work, ctx: Context) -> str:
@@ -122,5 +121,7 @@ def build_app(namespace: str, ledger: Path | None) -> App:
     return app
 
 
-_ledger = os.environ.get("TEST_LEDGER")
-app = build_app(os.environ.get("TEST_NAMESPACE", "faults"), Path(_ledger) if _ledger else None)
+_journal = os.environ.get("TEST_JOURNAL")
+app = build_app(
+    os.environ.get("TEST_NAMESPACE", "faults"), Journal(Path(_journal)) if _journal else None
+)

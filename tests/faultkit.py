@@ -4,10 +4,11 @@
         worker = procs.worker(url, concurrency=2)  # taskframe worker tests.fault_apps:app
         await worker.wait_log("worker ready")
         ...
-        assert procs.ledger.count("done", task_id) == 1
+        assert procs.journal.count("done", task_id) == 1
 
-Every wait polls a real condition (a log line, a ledger line, a process exit) against a
-deadline, so a test that goes wrong fails with a message instead of hanging.
+Every wait polls a real condition (a log line, a journal line, a process exit) with
+`taskframe.testing.eventually`, so a test that goes wrong fails with a message instead
+of hanging.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,81 +29,15 @@ from typing import Any, Self
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 
 from taskframe import Client
-from taskframe import _topology as topology
+from taskframe.testing import eventually
+from tests.journal import Journal
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.fault_apps:app"
 TASKFRAME = (sys.executable, "-m", "taskframe")
 CONSOLE_SCRIPT = str(Path(sys.executable).with_name("taskframe"))
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = 15.0) -> None:
-    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def until_async(
-    condition: Callable[[], Awaitable[object]], what: str, timeout: float = 15.0
-) -> None:
-    """`until` for a condition that must ask the server."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One ledger line: a handler started, finished or failed one delivery of a task."""
-
-    kind: str
-    task_id: str
-    attempt: int
-    pid: int
-    at: float
-
-
-class Ledger:
-    """The lines `tests.fault_apps` handlers append, read back."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def entries(
-        self, kind: str | None = None, task_id: str | None = None, pid: int | None = None
-    ) -> list[Entry]:
-        """Complete lines, in file order, optionally filtered."""
-        if not self.path.exists():
-            return []
-        found = []
-        for line in self.path.read_text().splitlines(keepends=True):
-            parts = line.split()
-            if not line.endswith("\n") or len(parts) != 5:
-                continue  # a line still being written
-            entry = Entry(parts[0], parts[1], int(parts[2]), int(parts[3]), float(parts[4]))
-            if (
-                (kind is None or entry.kind == kind)
-                and (task_id is None or entry.task_id == task_id)
-                and (pid is None or entry.pid == pid)
-            ):
-                found.append(entry)
-        return found
-
-    def count(self, kind: str, task_id: str) -> int:
-        """How many `kind` lines `task_id` has."""
-        return len(self.entries(kind, task_id))
-
-    def pids(self, kind: str = "done") -> set[int]:
-        """The processes that wrote `kind` lines."""
-        return {e.pid for e in self.entries(kind)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +97,11 @@ class Proc:
                 )
             return len(re.findall(pattern, self.text())) >= count
 
-        await until(seen, f"{pattern!r} x{count} in the log of {self!r}", timeout)
+        await eventually(seen, f"{pattern!r} x{count} in the log of {self!r}", timeout=timeout)
 
     async def wait_exit(self, timeout: float = 15.0) -> int:
         """Wait for the process to exit and return its exit code (-N: killed by signal N)."""
-        await until(lambda: not self.alive, f"{self!r} to exit", timeout)
+        await eventually(lambda: not self.alive, f"{self!r} to exit", timeout=timeout)
         return self.process.wait()
 
     def close(self) -> None:
@@ -182,20 +116,22 @@ class Proc:
 
 
 class Procs:
-    """The subprocesses of one test, sharing its namespace and ledger."""
+    """The subprocesses of one test, sharing its namespace and the handlers' journal."""
 
     def __init__(self, tmp: Path, namespace: str) -> None:
         self.tmp = tmp
         self.namespace = namespace
-        self.ledger = Ledger(tmp / "ledger.txt")
+        self.journal = Journal(tmp / "journal.txt")
         self.procs: list[Proc] = []
 
     def env(self, ack_wait: float | None = 1.0, **extra: str) -> dict[str, str]:
-        """The environment of a subprocess: no inherited TASKFRAME_* settings."""
+        """The environment of a subprocess: no inherited TASKFRAME_* settings, and this
+        checkout first on the path (a console script would import the installed package)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKFRAME_")}
         env.update(
+            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])]),
             TEST_NAMESPACE=self.namespace,
-            TEST_LEDGER=str(self.ledger.path),
+            TEST_JOURNAL=str(self.journal.path),
             PYTHONUNBUFFERED="1",
         )
         if ack_wait is not None:
@@ -263,9 +199,10 @@ class Procs:
         return Result(proc.returncode, out.decode(), err.decode())
 
     def close(self) -> None:
-        """Kill and reap every process still running."""
+        """Kill and reap every process still running; close the journal."""
         for proc in self.procs:
             proc.close()
+        self.journal.close()
 
     def __enter__(self) -> Self:
         return self
@@ -279,34 +216,15 @@ class Procs:
         self.close()
 
 
-async def dead_letters(js: JetStreamContext, namespace: str) -> list[dict[str, Any]]:
-    """Every dead letter of `namespace`: its headers, plus its body under "body" (bytes)."""
-    stream = topology.dead_stream(namespace)
-    info = await js.stream_info(stream)
-    letters: list[dict[str, Any]] = []
-    if info.state.messages == 0:
-        return letters
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(stream, seq)
-        letters.append({**(msg.headers or {}), "body": msg.data or b""})
-    return letters
+async def drained(client: Client, queue: str) -> bool:
+    """Whether `queue` has nothing waiting and nothing in flight, summed over its lanes."""
+    [info] = [q for q in await client.queues() if q.queue == queue]
+    return info.waiting == info.in_flight == 0
 
 
-async def queue_counts(js: JetStreamContext, namespace: str, queue: str) -> tuple[int, int, int]:
-    """(messages stored, pending delivery, delivered but unacknowledged) for `queue`."""
-    stream = topology.queue_stream(namespace, queue)
-    info = await js.stream_info(stream)
-    consumer = await js.consumer_info(stream, topology.WORKERS)
-    return info.state.messages, consumer.num_pending or 0, consumer.num_ack_pending or 0
-
-
-async def until_drained(js: JetStreamContext, namespace: str, queue: str) -> None:
-    """Wait until `queue` holds nothing: no message stored, pending or awaiting an ack."""
-    deadline = time.monotonic() + 10.0
-    while (counts := await queue_counts(js, namespace, queue)) != (0, 0, 0):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{queue} not drained: (stored, pending, unacked) = {counts}")
-        await asyncio.sleep(0.05)
+async def until_drained(client: Client, queue: str, timeout: float = 10.0) -> None:
+    """Wait until `queue` has nothing waiting and nothing in flight."""
+    await eventually(lambda: drained(client, queue), f"queue {queue} to drain", timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +321,7 @@ class BucketTap:
         async def seen_all() -> bool:
             return len(self._writes) >= await self._stored() - self._base
 
-        await until_async(seen_all, f"{self!r} to see every stored write", timeout)
+        await eventually(seen_all, f"{self!r} to see every stored write", timeout=timeout)
 
     def writes(self, key: str | None = None, state: str | None = None) -> list[Write]:
         """The writes seen so far, in order, optionally of one key and one state."""

@@ -1,6 +1,6 @@
-"""A ledger-based checker for fault scenarios: what was acknowledged, what became of it.
+"""The ledger of a fault scenario: what the server acknowledged, and what became of it.
 
-    ledger = Ledger("kill -9 mid-task", procs.ledger)
+    ledger = Ledger("kill -9 mid-task", procs.journal)
     for task in tasks:
         await ledger.enqueue(client, task)         # records the ids the server confirmed
     ...inject the fault...
@@ -9,12 +9,12 @@
     figures.record()                               # FAULT-FIGURES {json}, and the summary table
     figures.check(expect_dead={poison_id: "lost"}, exactly_once=True)
 
-Every acknowledged task ends as exactly one of executed (a `done` line in the worker-side
-journal that `tests.fault_apps` handlers write, or a `succeeded` record in the results
-bucket), dead (a dead letter carries its id) or lost (neither, once the system settled).
-An enqueue that raised is unknown: the server may or may not have stored it. With a key
-its id is known, so if the task turns up executed or dead it was stored after all and
-counts as acknowledged; without a key it stays unknown.
+Every acknowledged task ends as exactly one of executed (a `done` line in the handlers'
+journal, tests/journal.py, or a `succeeded` record in the results bucket), dead (a dead
+letter carries its id) or lost (neither, once the system settled). An enqueue that raised
+is unknown: the server may or may not have stored it. With a key its id is known, so if
+the task turns up executed or dead it was stored after all and counts as acknowledged;
+without a key it stays unknown. The soak (bench/soak/) keeps its books with this ledger.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from taskframe import Client, PayloadTooLargeError, StoreFullError, Task, TaskRun, TaskState
 from taskframe import _wire as wire
 from taskframe._server import server_binary
-from tests import faultkit
+from tests.journal import Journal
 
 RECORDED: list[Figures] = []
 """Every scenario's figures in this session, in order; tests/conftest.py writes the table."""
@@ -135,7 +134,7 @@ class Figures:
 class Ledger:
     """The tasks one scenario enqueued, checked against the journal, results and dead letters."""
 
-    def __init__(self, scenario: str, journal: faultkit.Ledger) -> None:
+    def __init__(self, scenario: str, journal: Journal) -> None:
         self.scenario = scenario
         self.journal = journal
         self.acknowledged: dict[str, None] = {}  # a dict keeps the order of enqueue
@@ -237,7 +236,7 @@ class Ledger:
         deadline = time.monotonic() + timeout
         executed: set[str] = set()
         while True:
-            dead = await self._dead_letters(client.js, client.namespace)
+            dead = await self._dead_letters(client)
             waiting = [i for i in self.acknowledged if i not in executed and i not in dead]
             executed |= await self._executed(client, waiting)
             if all(i in executed or i in dead for i in waiting):
@@ -250,7 +249,7 @@ class Ledger:
         self, client: Client, *, recover_s: float | None = None, note: str = ""
     ) -> Figures:
         """Classify every acknowledged task as it stands now."""
-        letters = await self._dead_letters(client.js, client.namespace)
+        letters = await self._dead_letters(client)
         # A raised enqueue retried with the same key until confirmed is simply acknowledged.
         raised = [i for i in dict.fromkeys(self.raised) if i and i not in self.acknowledged]
         executed = await self._executed(client, [*self.acknowledged, *raised])
@@ -296,15 +295,14 @@ class Ledger:
         return executed
 
     @staticmethod
-    async def _dead_letters(js: JetStreamContext, namespace: str) -> dict[str, list[str]]:
+    async def _dead_letters(client: Client) -> dict[str, list[str]]:
         """Task id to the reasons of its dead letters."""
-        try:
-            letters = await faultkit.dead_letters(js, namespace)
-        except NotFoundError:  # no worker ever ran in this namespace: nothing is dead
-            return {}
         reasons: dict[str, list[str]] = {}
-        for letter in letters:
-            reasons.setdefault(letter.get(wire.ID, "?"), []).append(letter[wire.DEAD_REASON])
+        after = 0
+        while letters := await client.dead_letters(after=after, limit=1000):
+            for letter in letters:
+                reasons.setdefault(letter.task_id or "?", []).append(letter.reason)
+            after = letters[-1].seq
         return reasons
 
     def _overlapping(self, ids: Collection[str]) -> list[str]:

@@ -1,6 +1,6 @@
 import pytest
 
-from taskframe import App, ConfigError, Context, Task
+from taskframe import App, ConfigError, Context, Event, Task
 
 
 class Add(Task[int], queue="math"):
@@ -67,3 +67,51 @@ def test_policy_values_are_checked(kwargs: dict[str, float], message: str) -> No
 def test_namespace_must_be_a_token() -> None:
     with pytest.raises(ConfigError):
         App("my.app")
+
+
+def test_queue_options_are_checked_and_kept() -> None:
+    app = App("ns")
+    assert app.options("math").lanes == ("default",)  # not declared: one lane
+    app.queue("math", priorities=("high", "default"), max_in_flight=5, rate_limit="10/s")
+    options = app.options("math")
+    assert (options.lanes, options.max_in_flight, options.rate_limit) == (
+        ("high", "default"),
+        5,
+        "10/s",
+    )
+    for bad, message in [
+        ({"priorities": ("high", "low")}, "must include 'default'"),
+        ({"priorities": ("default", "default")}, "repeat a lane"),
+        ({"priorities": ("default", "a.b")}, "priority"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"rate_limit": "fast"}, "rate"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            app.queue("math", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="queue"):
+        app.queue("a b")
+
+
+def test_subscribers_register_per_group() -> None:
+    app = App("ns")
+
+    class Placed(Event):
+        order: int
+
+    @app.subscribe(Placed, group="billing", max_attempts=5)
+    async def bill(event: Placed, ctx: Context) -> None: ...
+
+    @app.subscribe(Placed, group="search")
+    async def index(event: Placed, ctx: Context) -> None: ...
+
+    assert app.groups == {"billing", "search"}
+    assert app.queues == set()
+    assert app.subscribers[("billing", "Placed")].max_attempts == 5
+    with pytest.raises(ConfigError, match="already subscribes"):
+        app.subscribe(Placed, group="billing")(bill)
+    with pytest.raises(ConfigError, match="not an Event model"):
+        app.subscribe(Add, group="billing")  # type: ignore[type-var]
+    with pytest.raises(ConfigError, match="not a Task model"):
+        app.handle(Placed)  # type: ignore[type-var]
+    with pytest.raises(ConfigError, match="group"):
+        app.subscribe(Placed, group="a.b")

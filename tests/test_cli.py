@@ -6,24 +6,16 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
-from taskframe import App, Client, Context, TaskState, connect
-from taskframe._server import NatsServer
-from taskframe._topology import WORKERS, dead_stream, queue_stream, results_bucket
-from taskframe.testing import running_worker
-from tests.fault_apps import Other, Work
-from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Procs, until, until_async
-
-
-@pytest.fixture
-def procs(tmp_path: Path, namespace: str) -> Iterator[Procs]:
-    with Procs(tmp_path, namespace) as running:
-        yield running
+from taskframe import App, Client, Context, TaskState, connect, provision
+from taskframe._topology import WORKERS, dead_stream, queue_stream, results_stream
+from taskframe.testing import NatsServer, eventually, running_worker
+from tests.fault_apps import Fail, Other, Work, build_app
+from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Procs
 
 
 def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
@@ -43,15 +35,27 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [
-        ((), ["worker", "server", "enqueue", "queues", "provision"]),
+        ((), ["worker", "server", "enqueue", "queues", "provision", "dead", "schedules"]),
         (("worker",), ["--concurrency", "--processes", "--grace", "--queue", "--url"]),
         (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
         (("server",), ["--port", "--store", "--config", "./nats.conf"]),
         (("enqueue",), ["--key", "--wait", "--url", "payload"]),
         (("provision",), ["--url", "app"]),
         (("queues",), ["--namespace", "--url"]),
+        (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--url"]),
+        (("schedules",), ["--namespace", "--url"]),
     ],
-    ids=["taskframe", "worker", "worker-url-source", "server", "enqueue", "provision", "queues"],
+    ids=[
+        "taskframe",
+        "worker",
+        "worker-url-source",
+        "server",
+        "enqueue",
+        "provision",
+        "queues",
+        "dead",
+        "schedules",
+    ],
 )
 async def test_help_of_each_command_exits_0_and_names_its_options(
     procs: Procs, command: tuple[str, ...], mentions: list[str]
@@ -132,11 +136,7 @@ async def test_queues_shows_waiting_in_flight_and_dead_counts(
             await raw.close()
         held = await client.enqueue(Other())
         await asyncio.wait_for(holding.wait(), 10)
-
-        async def one_dead() -> bool:
-            return (await client.js.stream_info(dead_stream(ns))).state.messages == 1
-
-        await until_async(one_dead, "the garbage to be dead-lettered")
+        await eventually(client.dead_letters, "the garbage to be dead-lettered")
         result = await procs.run(*TASKFRAME, "queues", "--namespace", ns, "--url", nats_server.url)
         release.set()
         assert await held.result(timeout=10) == held.id
@@ -175,7 +175,55 @@ async def test_provision_creates_streams_and_consumers_and_can_run_again(
         consumer = await client.js.consumer_info(stream, WORKERS)
         assert consumer.config.ack_wait == 1.0
     assert (await client.js.stream_info(dead_stream(ns))).config.retention == "limits"
-    assert (await client.js.stream_info(f"KV_{results_bucket(ns)}")).config.max_msgs_per_subject
+    assert (await client.js.stream_info(results_stream(ns))).config.max_msgs_per_subject
+
+
+async def test_dead_lists_dead_letters_and_replays_them(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    ns = client.namespace
+    run = await client.enqueue(Fail(note="once"))
+    async with running_worker(build_app(ns, None), client, queues=["work"]) as worker:
+        await eventually(lambda: worker.stats.dead == 1, "the task to be dead")
+    command = (*TASKFRAME, "dead", "--namespace", ns, "--url", nats_server.url)
+    listed = await procs.run(*command, COLUMNS="200")
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"]
+    assert row.split()[:6] == ["1", "work", "Fail", run.id, "failed", "3"]
+    assert "RuntimeError: fails on purpose (attempt 3)" in row
+
+    replayed = await procs.run(*command, "--replay")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 task(s)" in replayed.stdout
+    assert await client.dead_letters() == []
+    assert (await run.status()).state is TaskState.QUEUED
+    empty = await procs.run(*command)
+    assert "(no dead letters)" in empty.stdout
+
+
+async def test_schedules_lists_the_schedules_the_broker_holds(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    ns = client.namespace
+    app = build_app(ns, None)
+    app.schedule("0 0 3 * * *", Work(), name="nightly", time_zone="Europe/Amsterdam")
+    await provision(app, client, queues=["work"])
+    result = await procs.run(*TASKFRAME, "schedules", "--namespace", ns, "--url", nats_server.url)
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    assert header.split() == [
+        "NAMESPACE",
+        "QUEUE",
+        "NAME",
+        "TASK",
+        "SCHEDULE",
+        "NEXT",
+        "FIRE",
+        "(UTC)",
+    ]
+    assert row.split()[:8] == [ns, "work", "nightly", "Work", "0", "0", "3", "*"]
+    assert "(Europe/Amsterdam)" in row
 
 
 async def test_server_command_serves_until_sigint_then_exits_0(
@@ -214,7 +262,7 @@ async def test_a_worker_started_before_its_server_waits_for_it(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     worker = procs.worker(f"nats://127.0.0.1:{port}")
-    await worker.wait_log("cannot reach NATS .* trying again", count=2)
+    await worker.wait_log("cannot reach NATS .* trying again")  # getting ready takes a retry
     assert worker.alive
     with NatsServer(port=port, store_dir=tmp_path / "late") as server:
         await worker.wait_log("worker ready", timeout=20)
@@ -235,7 +283,7 @@ async def test_worker_processes_share_the_work_are_restarted_and_stop_on_sigterm
     await supervisor.wait_log("worker ready", count=2)
     runs = await client.enqueue_many(Work(seconds=0.3) for _ in range(8))
     assert [await r.result(timeout=15) for r in runs] == [r.id for r in runs]
-    children = procs.ledger.pids()
+    children = procs.journal.pids()
     assert len(children) == 2
     assert supervisor.pid not in children
 
@@ -245,7 +293,7 @@ async def test_worker_processes_share_the_work_are_restarted_and_stop_on_sigterm
     await supervisor.wait_log("worker ready", count=3)
     more = await client.enqueue_many(Work(seconds=0.3) for _ in range(8))
     assert [await r.result(timeout=15) for r in more] == [r.id for r in more]
-    survivors = {e.pid for e in procs.ledger.entries("done") if e.task_id in {r.id for r in more}}
+    survivors = {e.pid for e in procs.journal.entries("done") if e.task_id in {r.id for r in more}}
     assert victim not in survivors
     assert len(survivors) == 2
 
@@ -260,4 +308,4 @@ async def test_worker_processes_share_the_work_are_restarted_and_stop_on_sigterm
             return True
         return False
 
-    await until(lambda: all(gone(pid) for pid in survivors | children), "every child to exit")
+    await eventually(lambda: all(gone(pid) for pid in survivors | children), "every child to exit")

@@ -1,87 +1,72 @@
+"""The producer side (taskframe.client): connect, enqueue (now, later, once per key), status
+and results, queue counts, dead letters and their replay."""
+
 import asyncio
+import dataclasses
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from taskframe import (
+    App,
     Client,
     ConfigError,
+    ConnectError,
+    Context,
     PayloadTooLargeError,
+    QueueInfo,
     ResultTimeoutError,
     Task,
     TaskState,
     connect,
+    provision,
 )
 from taskframe import _topology as topology
 from taskframe._publish import publish_stored
 from taskframe._results import status_record
-from taskframe._server import NatsServer
-from taskframe._topology import queue_stream
-from taskframe.provision import ensure_shared
-from taskframe.testing import running_worker
-from tests.apps import Add, Quiet, build
+from taskframe.testing import NatsServer, eventually, running_worker
+from tests.apps import Add, AlwaysFails, Quiet, build
 
 
 class Blob(Task[None], queue="blobs"):
     data: str
 
 
-async def stream_messages(client: Client, queue: str) -> int:
-    info = await client.js.stream_info(queue_stream(client.namespace, queue))
+class Stamp(Task[float], queue="timed"):
+    """Returns the time its handler started."""
+
+    n: int = 0
+
+
+class Job(Task[str], queue="lanes"):
+    n: int
+
+
+class Urgent(Task[str], queue="lanes", priority="high"):
+    n: int
+
+
+def stamp_app(namespace: str) -> App:
+    app = App(namespace)
+
+    @app.handle(Stamp)
+    async def stamp(job: Stamp, ctx: Context) -> float:
+        return time.time()
+
+    return app
+
+
+async def stored(client: Client, queue: str) -> int:
+    """Messages the queue's stream holds."""
+    info = await client.js.stream_info(topology.queue_stream(client.namespace, queue))
     return info.state.messages
 
 
-async def test_enqueue_returns_once_the_task_is_stored(client: Client) -> None:
-    run = await client.enqueue(Add(a=1, b=2))
-    assert await stream_messages(client, "math") == 1
-    assert len(run.id) == 36
-    assert not run.duplicate
-    assert (await run.status()).state is TaskState.QUEUED
-    assert await client.status(run.id) is None
-
-
-async def test_a_repeated_key_is_enqueued_once_and_names_the_same_task(client: Client) -> None:
-    first = await client.enqueue(Add(a=1, b=2), key="order-42")
-    again = await client.enqueue(Add(a=1, b=2), key="order-42")
-    other = await client.enqueue(Add(a=1, b=2), key="order-43")
-    assert again.duplicate
-    assert not first.duplicate
-    assert not other.duplicate
-    assert again.id == first.id != other.id
-    assert await stream_messages(client, "math") == 2
-
-
-async def test_enqueue_many_stores_every_task_in_order(client: Client) -> None:
-    runs = await client.enqueue_many(Add(a=i, b=i) for i in range(500))
-    assert len({r.id for r in runs}) == 500
-    assert await stream_messages(client, "math") == 500
-    async with running_worker(build(client.namespace), client):
-        assert [await r.result(timeout=10) for r in runs[:5]] == [0, 2, 4, 6, 8]
-
-
-async def test_oversize_payload_is_refused_before_sending(client: Client) -> None:
-    with pytest.raises(PayloadTooLargeError, match="over the server's max_payload") as info:
-        await client.enqueue(Blob(data="x" * 1_100_000))
-    assert info.value.size > info.value.max_payload
-    # The connection survived: the next enqueue works.
-    await client.enqueue(Add(a=1, b=1))
-    assert client.nc.is_connected
-
-
-async def test_result_times_out_without_a_worker(client: Client) -> None:
-    run = await client.enqueue(Add(a=1, b=2))
-    with pytest.raises(ResultTimeoutError):
-        await run.result(timeout=0.3)
-
-
-async def test_result_of_a_task_without_results_is_a_clear_error(client: Client) -> None:
-    run = await client.enqueue(Quiet(n=1))
-    with pytest.raises(ConfigError, match="results=False"):
-        await run.result(timeout=1)
+# Connecting -----------------------------------------------------------------------------
 
 
 async def test_connect_to_nothing_is_a_connect_error() -> None:
-    from taskframe import ConnectError
-
     with pytest.raises(ConnectError, match="cannot reach NATS"):
         async with connect("nats://127.0.0.1:1", namespace="x"):
             pass
@@ -98,11 +83,104 @@ async def test_producer_and_worker_on_separate_connections(
         async with running_worker(build(namespace), consumer):
             results = await asyncio.gather(*(r.result(timeout=10) for r in runs))
         assert results == [1, 2, 3]
-    assert repr(producer).startswith(f"<Client namespace='{namespace}'")
+        assert (
+            repr(producer) == f"<Client namespace='{namespace}' url='{nats_server.url}' connected>"
+        )
+    assert repr(producer).endswith(" closed>")
+
+
+# Enqueueing -----------------------------------------------------------------------------
+
+
+async def test_enqueue_returns_once_the_task_is_stored(client: Client) -> None:
+    run = await client.enqueue(Add(a=1, b=2))
+    assert await stored(client, "math") == 1
+    assert len(run.id) == 36
+    assert not run.duplicate
+    assert repr(run) == f"<TaskRun Add id={run.id}>"
+    assert (await run.status()).state is TaskState.QUEUED
+    assert await client.status(run.id) is None
+
+
+async def test_a_repeated_key_is_enqueued_once_and_names_the_same_task(client: Client) -> None:
+    first = await client.enqueue(Add(a=1, b=2), key="order-42")
+    again = await client.enqueue(Add(a=1, b=2), key="order-42")
+    other = await client.enqueue(Add(a=1, b=2), key="order-43")
+    assert again.duplicate
+    assert not first.duplicate
+    assert not other.duplicate
+    assert again.id == first.id != other.id
+    assert await stored(client, "math") == 2
+
+
+async def test_enqueue_many_stores_every_task_in_order(client: Client) -> None:
+    runs = await client.enqueue_many(Add(a=i, b=i) for i in range(500))
+    assert len({r.id for r in runs}) == 500
+    assert await stored(client, "math") == 500
+    async with running_worker(build(client.namespace), client):
+        assert [await r.result(timeout=10) for r in runs[:5]] == [0, 2, 4, 6, 8]
+
+
+async def test_oversize_payload_is_refused_before_sending(client: Client) -> None:
+    with pytest.raises(PayloadTooLargeError, match="over the server's max_payload") as info:
+        await client.enqueue(Blob(data="x" * 1_100_000))
+    assert info.value.size > info.value.max_payload
+    # The connection survived: the next enqueue works.
+    await client.enqueue(Add(a=1, b=1))
+    assert client.nc.is_connected
+
+
+async def test_delayed_task_runs_no_earlier_than_asked(client: Client) -> None:
+    async with running_worker(stamp_app(client.namespace), client):
+        asked = time.time()
+        run = await client.enqueue(Stamp(), delay=1.0)
+        assert (await run.status()).state is TaskState.QUEUED
+        started = await run.result(timeout=10)
+    assert asked + 1.0 <= started <= asked + 2.0
+
+
+async def test_run_at_a_time_in_the_past_runs_at_once(client: Client) -> None:
+    async with running_worker(stamp_app(client.namespace), client):
+        asked = time.time()
+        run = await client.enqueue(Stamp(), at=datetime.now(UTC) - timedelta(minutes=5))
+        started = await run.result(timeout=10)
+    assert started - asked < 1.0
+
+
+async def test_naive_datetimes_are_refused(client: Client) -> None:
+    with pytest.raises(ConfigError, match="timezone-aware"):
+        await client.enqueue(Stamp(), at=datetime.now())
+
+
+async def test_delayed_task_survives_a_server_crash(own_server: NatsServer) -> None:
+    async with connect(own_server.url, namespace="delay") as tf:
+        run_id = (await tf.enqueue(Stamp(n=1), delay=1.5)).id
+    own_server.kill()
+    own_server.start()  # the same port and store
+    async with (
+        connect(own_server.url, namespace="delay") as tf,
+        running_worker(stamp_app("delay"), tf),
+    ):
+        assert await tf.handle(Stamp, run_id).result(timeout=10) > 0
+
+
+# Status and results ---------------------------------------------------------------------
+
+
+async def test_result_times_out_without_a_worker(client: Client) -> None:
+    run = await client.enqueue(Add(a=1, b=2))
+    with pytest.raises(ResultTimeoutError):
+        await run.result(timeout=0.3)
+
+
+async def test_result_of_a_task_without_results_is_a_clear_error(client: Client) -> None:
+    run = await client.enqueue(Quiet(n=1))
+    with pytest.raises(ConfigError, match="results=False"):
+        await run.result(timeout=1)
 
 
 async def test_a_late_progress_record_never_replaces_a_final_one(client: Client) -> None:
-    await ensure_shared(client.js, client.settings)
+    await provision(App(client.namespace), client)  # the results bucket
     ns, task_id = client.namespace, "late-running"
     progress = topology.progress_subject(ns, task_id)
     running = status_record(task_id, "Add", TaskState.RUNNING, 1)
@@ -117,8 +195,128 @@ async def test_a_late_progress_record_never_replaces_a_final_one(client: Client)
     await publish_stored(client.nc, client.settings, progress, running)
     status = await client.status(task_id)
     assert status is not None
-    assert (status.state, status.attempt, status.result) == (
-        TaskState.SUCCEEDED,
-        2,
-        3,
-    )
+    assert (status.state, status.attempt, status.result) == (TaskState.SUCCEEDED, 2, 3)
+
+
+# Queue counts ---------------------------------------------------------------------------
+
+
+async def test_queues_counts_every_lane_of_a_queue(client: Client) -> None:
+    ns = client.namespace
+    release = asyncio.Event()
+    app = App(ns)
+    app.queue("lanes", priorities=("high", "default", "low"))
+
+    @app.handle(Job)
+    async def job(task: Job, ctx: Context) -> str:
+        await release.wait()
+        return "job"
+
+    @app.handle(Urgent)
+    async def urgent(task: Urgent, ctx: Context) -> str:
+        await release.wait()
+        return "urgent"
+
+    await provision(app, client)
+    runs = await client.enqueue_many(Job(n=i) for i in range(3))  # the default lane
+    runs += await client.enqueue_many((Job(n=i) for i in range(2)), priority="low")
+    runs.append(await client.enqueue(Urgent(n=0)))  # its model's lane: high
+    await client.js.publish(f"{ns}.tasks.lanes.Job.high", b"not json")  # one dead letter
+    lanes = ("workers", "workers-high", "workers-low")
+    assert await client.queues() == [QueueInfo(ns, "lanes", 7, 0, 0, 0, False, lanes)]
+
+    async with running_worker(app, client, concurrency=2, prefetch=0) as worker:
+        await eventually(lambda: worker.stats.running == 2 and worker.stats.dead == 1, "2 running")
+        [held] = await client.queues()
+        assert (held.waiting, held.in_flight, held.redelivered, held.dead) == (4, 2, 0, 1)
+        release.set()
+        assert [await r.result(timeout=10) for r in runs][-1] == "urgent"
+    [after] = await client.queues()
+    assert (after.waiting, after.in_flight, after.dead) == (0, 0, 1)
+    everywhere = await client.queues(every_namespace=True)
+    assert after in everywhere
+    assert len({q.namespace for q in everywhere}) > 1  # other tests' namespaces too
+
+
+# Dead letters ---------------------------------------------------------------------------
+
+
+async def test_dead_letters_are_filtered_by_queue_task_and_reason_and_read_in_pages(
+    client: Client,
+) -> None:
+    ns = client.namespace
+    app = build(ns)
+    await provision(app, client)
+    await client.enqueue(AlwaysFails(note="reject"))  # rejected
+    await client.js.publish(f"{ns}.tasks.math.Add", b"{")  # invalid
+    await client.js.publish(f"{ns}.tasks.slow.Slow", b"{")  # invalid, another queue
+    await client.js.publish(f"{ns}.tasks.math.Nope", b"{}")  # unknown-task
+    async with running_worker(app, client) as worker:
+        await eventually(lambda: worker.stats.dead == 4, "four dead letters")
+
+    every = await client.dead_letters()
+    assert sorted(letter.reason for letter in every) == [
+        "invalid",
+        "invalid",
+        "rejected",
+        "unknown-task",
+    ]
+    assert [letter.seq for letter in every] == sorted(letter.seq for letter in every)
+    assert [x.original_subject for x in await client.dead_letters(queue="slow")] == [
+        f"{ns}.tasks.slow.Slow"
+    ]
+    assert {x.reason for x in await client.dead_letters(task="Add")} == {"invalid"}
+    assert len(await client.dead_letters(reason="invalid")) == 2
+    assert await client.dead_letters(queue="math", reason="nothing-like-it") == []
+    first = await client.dead_letters(limit=3)
+    rest = await client.dead_letters(after=first[-1].seq)
+    assert first + rest == every
+    assert await client.dead_letters(after=every[-1].seq) == []
+
+
+async def test_replay_enqueues_again_with_the_same_id_and_removes_the_letter(
+    client: Client,
+) -> None:
+    app = build(client.namespace)
+    await provision(app, client)
+    await client.js.publish(f"{client.namespace}.tasks.math.Add", b'{"a": "x", "b": 1}')
+    async with running_worker(app, client) as worker:
+        await eventually(lambda: worker.stats.dead == 1, "the bad task to be dead")
+        [letter] = await client.dead_letters()
+        assert letter.reason == "invalid"
+        # Fix the payload by hand, as an operator would, then replay it.
+        fixed = dataclasses.replace(letter, body=Add(a=41, b=1).model_dump_json().encode())
+        await client.replay(fixed)
+        assert await client.dead_letters() == []
+        await eventually(lambda: worker.stats.succeeded == 1, "the fixed task to succeed")
+    assert worker.stats.dead == 1
+    status = await client.status(letter.task_id)
+    assert status is not None
+    assert (status.state, status.result) == (TaskState.SUCCEEDED, 42)
+
+
+async def test_a_replayed_task_is_queued_again_until_it_runs(client: Client) -> None:
+    run = await client.enqueue(AlwaysFails(note="reject"))
+    calls: list[str] = []
+    async with running_worker(build(client.namespace, calls), client) as worker:
+        await eventually(lambda: worker.stats.dead == 1, "the task to be dead")
+    assert (await run.status()).state is TaskState.DEAD
+    [letter] = await client.dead_letters()
+    await client.replay(letter)
+    status = await run.status()
+    assert (status.state, status.attempt) == (TaskState.QUEUED, 0)
+    async with running_worker(build(client.namespace, calls), client) as worker:
+        await eventually(lambda: worker.stats.dead == 1, "the replayed task to be dead again")
+    assert (await run.status()).state is TaskState.DEAD
+    assert calls == ["fails:1", "fails:1"]  # attempt 1 again
+
+
+async def test_a_non_ascii_error_reads_back_as_written_and_replays(client: Client) -> None:
+    run = await client.enqueue(AlwaysFails(note="unicode"))
+    async with running_worker(build(client.namespace), client) as worker:
+        await eventually(lambda: worker.stats.dead == 1, "the task to be dead")
+    [letter] = await client.dead_letters()
+    assert letter.error == "café ü: handler always raises"
+    assert all(isinstance(value, str) for value in letter.headers.values())
+    await client.replay(letter)
+    assert (await run.status()).state is TaskState.QUEUED

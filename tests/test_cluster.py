@@ -26,8 +26,9 @@ from taskframe import Client, ConnectError, PublishError, ResultTimeoutError, co
 from taskframe import _topology as topology
 from taskframe._cluster import NatsCluster, fixed_specs, node_config
 from taskframe.provision import ensure_queue
+from taskframe.testing import eventually
 from tests.fault_apps import Work, build_app
-from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Proc, Procs, until
+from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Proc, Procs
 from tests.ledger import RECORDED, Figures
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,12 +49,6 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
             for spec, node in zip(running.specs, running.nodes, strict=True):
                 node.signal(signal.SIGCONT)  # a frozen node ignores SIGTERM until thawed
                 (tmp_path / f"{spec.name}.log").write_text("\n".join(node.log))
-
-
-@pytest.fixture
-def procs(tmp_path: Path, namespace: str) -> Iterator[Procs]:
-    with Procs(tmp_path, namespace) as running:
-        yield running
 
 
 def cluster_worker(procs: Procs, cluster: NatsCluster, concurrency: int = 8) -> Proc:
@@ -119,7 +114,7 @@ async def outcome(tf: Client, procs: Procs, acked: dict[str, float]) -> dict[str
         *(tf.handle(Work, task_id).result(timeout=RESULTS_WITHIN) for task_id in acked),
         return_exceptions=True,
     )
-    done = Counter(e.task_id for e in procs.ledger.entries("done"))
+    done = Counter(e.task_id for e in procs.journal.entries("done"))
     dead_info = await tf.js.stream_info(topology.dead_stream(tf.namespace))
     return {
         "acknowledged": len(acked),
@@ -270,7 +265,7 @@ async def test_killing_the_stream_leader_under_load_loses_no_acknowledged_task(
     async with connect(cluster.urls, namespace=namespace, replicas=3) as tf:
         producer = Producer(tf)
         producing = asyncio.create_task(producer.run(300, 0.01))
-        await until(lambda: len(producer.acked) >= 100, "100 tasks enqueued")
+        await eventually(lambda: len(producer.acked) >= 100, "100 tasks enqueued")
         leader = await cluster.stream_leader(stream)
         await asyncio.to_thread(cluster.kill, leader)
         killed, killed_wall = time.monotonic(), time.time()
@@ -284,7 +279,7 @@ async def test_killing_the_stream_leader_under_load_loses_no_acknowledged_task(
         figures = await outcome(tf, procs, producer.acked)
 
     after = [at for at in producer.acked.values() if at > killed_wall]
-    done_at = {e.task_id: e.at for e in procs.ledger.entries("done")}
+    done_at = {e.task_id: e.at for e in procs.journal.entries("done")}
     first_done = min(
         (done_at[i] for i, at in producer.acked.items() if at > killed_wall and i in done_at),
         default=float("nan"),
@@ -322,7 +317,7 @@ async def test_quorum_loss_fails_enqueues_clearly_and_recovers_every_acknowledge
         producer = Producer(tf)
         for _ in range(60):
             await producer.enqueue(seconds=0.1)
-        await until(lambda: len(procs.ledger.entries("done")) >= 10, "10 tasks done")
+        await eventually(lambda: len(procs.journal.entries("done")) >= 10, "10 tasks done")
         leader = await cluster.stream_leader(stream)
         victims = [leader, next(n for n in cluster.names if n != leader)]
         for victim in victims:
@@ -411,7 +406,7 @@ async def test_a_frozen_server_past_the_ping_timeout_loses_no_acknowledged_task(
         )
         producer = Producer(tf)
         producing = asyncio.create_task(producer.run(400, 0.05))
-        await until(lambda: len(producer.acked) >= 40, "40 tasks enqueued")
+        await eventually(lambda: len(producer.acked) >= 40, "40 tasks enqueued")
         freeze = (CLIENT_MAX_PINGS + 1) * CLIENT_PING_INTERVAL + 2.0
         cluster.signal(target, signal.SIGSTOP)
         frozen_wall = time.time()
@@ -425,7 +420,7 @@ async def test_a_frozen_server_past_the_ping_timeout_loses_no_acknowledged_task(
         await asyncio.wait_for(producing, 40)
         figures = await outcome(tf, procs, producer.acked)
 
-    done = procs.ledger.entries("done")
+    done = procs.journal.entries("done")
     during = [e for e in done if frozen_wall < e.at < frozen_wall + freeze]
     report(
         "sigstop",

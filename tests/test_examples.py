@@ -32,6 +32,9 @@ def test_examples_import_only_the_public_api() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taskframe"):
                 assert node.module == "taskframe", f"{path.name} imports {node.module}"
                 assert {a.name for a in node.names} <= public, path.name
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                if node.value.id == "taskframe":
-                    assert node.attr in public, f"{path.name} uses taskframe.{node.attr}"
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "taskframe"
+            ):
+                assert node.attr in public, f"{path.name} uses taskframe.{node.attr}"

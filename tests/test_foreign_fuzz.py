@@ -23,9 +23,7 @@ from hypothesis import strategies as st
 from taskframe import App, Client, Context, Task
 from taskframe import _topology as topology
 from taskframe import _wire as wire
-from taskframe._server import NatsServer
-from taskframe.testing import running_worker
-from tests.faultkit import until_async
+from taskframe.testing import NatsServer, eventually, running_worker
 from tests.rawnats import PubAck, RawNats, header_block
 
 Raw = tuple[bytes, bytes | None, bytes | None]
@@ -177,7 +175,7 @@ async def test_every_stored_message_ends_exactly_once_and_the_worker_goes_on(
         await fuzz.read_dead()
         return all(accounted(s, m) for s, (m, _) in stored.items()) and await fuzz.queue_empty()
 
-    await until_async(settled, f"every message of {batch!r} settled", timeout=10)
+    await eventually(settled, f"every message of {batch!r} settled", timeout=10)
     for seq, (mark, plain) in stored.items():
         ran = fuzz.ran[mark] if mark is not None else 0
         dead = fuzz.dead.get(seq, [])

@@ -1,5 +1,6 @@
 """Messages a raw publisher got wrong, against the real CLI worker: each one is dead-lettered
-once with reason `invalid`, and the work published around it completes.
+once with reason `invalid`, and the work published around it completes. Each scenario
+records its figures for docs/faults.md.
 
 Before `taskframe._inbound` and `taskframe._tolerant` these stopped workers for good:
 a subject that is not UTF-8 ended the connection's read loop (and again after every
@@ -13,12 +14,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from taskframe import Client
+from taskframe import Client, DeadLetter
 from taskframe import _wire as wire
-from taskframe._deadletters import DeadLetter, dead_letters
-from taskframe._server import NatsServer
+from taskframe.testing import NatsServer, eventually
 from tests.fault_apps import Work
-from tests.faultkit import Procs, until, until_drained
+from tests.faultkit import Procs, until_drained
 from tests.ledger import Ledger
 from tests.rawnats import RawNats, header_block
 
@@ -36,13 +36,14 @@ async def bury_one(
     nats_server: NatsServer,
     procs: Procs,
     raw: RawNats,
+    scenario: str,
     tail: bytes,
     headers: bytes | None = None,
 ) -> DeadLetter:
-    """Publish one raw message between good tasks; check all are accounted for; its letter."""
+    """Publish one raw message between good tasks; record and check the figures; its letter."""
     worker = procs.worker(nats_server.url, concurrency=4)
     await worker.wait_log("worker ready")
-    ledger = Ledger(f"raw message on ...{tail!r}", procs.ledger)
+    ledger = Ledger(scenario, procs.journal)
     good = await client.enqueue_many(Work() for _ in range(5))
     subject = f"{client.namespace}.tasks.work.".encode() + tail
     ack = await raw.publish(subject, b'{"seconds": 0}', headers)
@@ -52,9 +53,11 @@ async def bury_one(
     ledger.acknowledge(*good, bad)
 
     await ledger.settle(client)
-    (await ledger.figures(client)).check(expect_dead={bad: "invalid"})
-    await until_drained(client.js, client.namespace, "work")
-    [letter] = await dead_letters(client.js, client.namespace)
+    figures = await ledger.figures(client, note="a raw publish between 10 good tasks")
+    figures.record()
+    figures.check(expect_dead={bad: "invalid"})
+    await until_drained(client, "work")
+    [letter] = await client.dead_letters()
     assert letter.subject == f"{client.namespace}.dead.work._invalid"
     assert (letter.reason, letter.error_type, letter.attempts) == ("invalid", "InvalidMessage", 1)
     assert letter.body == b'{"seconds": 0}'
@@ -68,7 +71,8 @@ async def bury_one(
 async def test_a_subject_that_is_not_utf8_is_dead_once_and_the_worker_reads_on(
     client: Client, nats_server: NatsServer, procs: Procs, raw: RawNats
 ) -> None:
-    letter = await bury_one(client, nats_server, procs, raw, b"Work\xff\xfe")
+    scenario = "raw message: a subject that is not UTF-8"
+    letter = await bury_one(client, nats_server, procs, raw, scenario, b"Work\xff\xfe")
     subject = f"{client.namespace}.tasks.work.Work\\xff\\xfe"  # the bytes, escaped
     assert letter.original_subject == subject
     assert letter.task_id == f"work-{letter.headers[wire.MSG_ID].split(':')[1]}"
@@ -82,7 +86,8 @@ async def test_a_task_name_with_a_space_is_dead_once(
     client: Client, nats_server: NatsServer, procs: Procs, raw: RawNats
 ) -> None:
     headers = header_block((wire.TASK, "Send Email"))
-    letter = await bury_one(client, nats_server, procs, raw, b"Work", headers)
+    scenario = "raw message: a task name with a space"
+    letter = await bury_one(client, nats_server, procs, raw, scenario, b"Work", headers)
     assert letter.error == "task name 'Send Email' (from Tf-Task) must be 1 to 256 of [A-Za-z0-9_-]"
     assert letter.headers[wire.TASK] == "Send Email"  # kept as it came
     assert letter.original_subject == f"{client.namespace}.tasks.work.Work"
@@ -92,7 +97,8 @@ async def test_a_message_id_with_a_space_is_dead_once_under_a_usable_id(
     client: Client, nats_server: NatsServer, procs: Procs, raw: RawNats
 ) -> None:
     headers = header_block((wire.MSG_ID, "order 42"))
-    letter = await bury_one(client, nats_server, procs, raw, b"Work", headers)
+    scenario = "raw message: a message id with a space"
+    letter = await bury_one(client, nats_server, procs, raw, scenario, b"Work", headers)
     assert letter.error == (
         "task id 'order 42' (from Nats-Msg-Id) must be 1 to 256 of [A-Za-z0-9_=/-], dots "
         f"only between them (the message is named {letter.task_id} instead)"
@@ -125,7 +131,7 @@ async def test_the_connection_reads_every_message_whatever_its_bytes(
     for tail, headers in sent:
         raw.send(prefix.encode() + tail, b"body", headers)
     await raw.ping()
-    await until(lambda: len(got) == len(sent), f"{len(sent)} messages, got {got}", timeout=5)
+    await eventually(lambda: len(got) == len(sent), f"{len(sent)} messages, got {got}", timeout=5)
     assert got == [
         (prefix + "\udcff\udcfe", None),
         (prefix + "a\x0bb", None),

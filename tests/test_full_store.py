@@ -28,13 +28,12 @@ from taskframe import (
     connect,
     schedules,
 )
-from taskframe import _deadletters as deadletters
 from taskframe import _topology as topology
 from taskframe._publish import publish_stored
-from taskframe._server import NatsServer
 from taskframe.provision import ensure_shared
+from taskframe.testing import NatsServer
 from tests.fault_apps import Bulky, BulkyQuiet, Fail, build_app
-from tests.faultkit import APP, TASKFRAME, Proc, Procs, queue_counts, until_drained
+from tests.faultkit import APP, TASKFRAME, Proc, Procs, until_drained
 from tests.ledger import Ledger
 
 PAD = "x" * 1000  # about 1.1 kB stored per task: some 1,800 fill 2 MB
@@ -152,7 +151,7 @@ async def test_full_store_refuses_at_once_and_the_worker_drains_it(
     worker = start_worker(procs, server_2mb.url)  # default settings: results kept, no limits
     await worker.wait_log("worker ready")
     async with connect(server_2mb.url, namespace=namespace) as client:
-        ledger = Ledger("store full (2 MB), tasks keep results", procs.ledger)
+        ledger = Ledger("store full (2 MB), tasks keep results", procs.journal)
         worker.signal(signal.SIGSTOP)  # a worker that cannot keep up: the backlog fills the store
         failing = [(await ledger.enqueue(client, Fail(note=str(i)))).id for i in range(2)]
         try:
@@ -162,7 +161,7 @@ async def test_full_store_refuses_at_once_and_the_worker_drains_it(
             worker.signal(signal.SIGCONT)
         resumed = time.time()
 
-        await until_drained(client.js, namespace, "work")  # nobody purged anything
+        await until_drained(client, "work")  # nobody purged anything
         drained_s = time.time() - resumed
         await ledger.settle(client)
         done = [i for i in ledger.acknowledged if i not in failing]
@@ -189,16 +188,16 @@ async def test_full_store_with_fire_and_forget_tasks(
     server_2mb: NatsServer, procs: Procs, namespace: str
 ) -> None:
     async with connect(server_2mb.url, namespace=namespace) as client:
-        ledger = Ledger("store full (2 MB), results=False tasks", procs.ledger)
+        ledger = Ledger("store full (2 MB), results=False tasks", procs.journal)
         refused_s = check_fill(client, await fill(ledger, client, BulkyQuiet))
         worker = start_worker(procs, server_2mb.url)  # starts on a full store, default settings
         started = time.time()
         await worker.wait_log("worker ready")
-        await until_drained(client.js, namespace, "work")
+        await until_drained(client, "work")
         drained_s = time.time() - started
         again = await ledger.enqueue(client, BulkyQuiet(pad="again"))
         await ledger.settle(client)
-        assert procs.ledger.count("done", again.id) == 1
+        assert procs.journal.count("done", again.id) == 1
         figures = await ledger.figures(
             client,
             recover_s=ledger.first_done_after(started),
@@ -215,17 +214,18 @@ async def test_dead_letters_wait_for_room_and_are_never_dropped(
     worker = start_worker(procs, server_2mb.url)
     await worker.wait_log("worker ready")
     async with connect(server_2mb.url, namespace=namespace) as client:
-        ledger = Ledger("store filled by another stream: a dead letter waits", procs.ledger)
+        ledger = Ledger("store filled by another stream: a dead letter waits", procs.journal)
         worker.signal(signal.SIGSTOP)
         failing = (await ledger.enqueue(client, Fail(note="dies in a full store"))).id
         ballast = await fill_with_ballast(client)
         worker.signal(signal.SIGCONT)
 
         await worker.wait_log(r"dead letter for \S+ waits for room")  # refused: the task is held
-        assert (await queue_counts(client.js, namespace, "work"))[0] == 1
+        [held] = [q for q in await client.queues() if q.queue == "work"]
+        assert (held.waiting, held.in_flight) == (0, 1)  # held by the worker meanwhile
         freed = time.time()
         await client.js.delete_stream(ballast)  # room comes back, by whatever means
-        await until_drained(client.js, namespace, "work")
+        await until_drained(client, "work")
         recovered_s = time.time() - freed
         status = await client.status(failing)
         assert status is not None
@@ -235,13 +235,11 @@ async def test_dead_letters_wait_for_room_and_are_never_dropped(
         assert (status.error.reason, status.error.type) == ("failed", "RuntimeError")
         await ledger.settle(client)
 
-        [letter] = await deadletters.dead_letters(client.js, namespace)
+        [letter] = await client.dead_letters()
         await fill_with_ballast(client)
         with pytest.raises(StoreFullError):  # a replay into a full store: the letter stays
-            await deadletters.replay(client, letter)
-        assert [d.task_id for d in await deadletters.dead_letters(client.js, namespace)] == [
-            failing
-        ]
+            await client.replay(letter)
+        assert [d.task_id for d in await client.dead_letters()] == [failing]
         reason = status.error.reason if status.error else None
         figures = await ledger.figures(
             client,

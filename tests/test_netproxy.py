@@ -15,8 +15,7 @@ import nats
 import nats.errors
 import pytest
 
-from taskframe._server import NatsServer
-from tests.faultkit import until
+from taskframe.testing import NatsServer, eventually
 from tests.netproxy import Direction, NetProxy
 
 
@@ -128,7 +127,7 @@ async def test_blackhole_keeps_the_connection_and_the_bytes_until_heal(
 
         proxy.blackhole(Direction.UP)
         writer.write(b"held")
-        await until(lambda: link.up.held == 4, "the proxy to hold 4 bytes", 5)
+        await eventually(lambda: link.up.held == 4, "the proxy to hold 4 bytes", timeout=5)
         assert link.up.forwarded == 1  # so the server has nothing new
         assert bytes(conn.received) == b"0"
         assert "up=blackhole" in repr(proxy)
@@ -137,8 +136,10 @@ async def test_blackhole_keeps_the_connection_and_the_bytes_until_heal(
 
         proxy.blackhole(Direction.DOWN)
         writer.write(b"back")
-        await until(lambda: bytes(conn.received) == b"0heldback", "the server to get it", 5)
-        await until(lambda: link.down.held == 4, "the echo to be held", 5)
+        await eventually(
+            lambda: bytes(conn.received) == b"0heldback", "the server to get it", timeout=5
+        )
+        await eventually(lambda: link.down.held == 4, "the echo to be held", timeout=5)
         assert link.down.forwarded == 5  # so the client has nothing new
         proxy.heal()
         assert await read(reader, 4) == b"back"
@@ -155,7 +156,7 @@ async def test_drop_discards_the_bytes_and_heal_forwards_new_ones(
         [link] = proxy.links
         proxy.drop(Direction.UP)
         writer.write(b"lost")
-        await until(lambda: link.up.dropped == 4, "the proxy to drop 4 bytes", 5)
+        await eventually(lambda: link.up.dropped == 4, "the proxy to drop 4 bytes", timeout=5)
         proxy.heal()
         writer.write(b"kept")
         assert await read(reader, 4) == b"kept"
@@ -164,7 +165,7 @@ async def test_drop_discards_the_bytes_and_heal_forwards_new_ones(
 
         proxy.drop(Direction.DOWN)
         writer.write(b"gone")
-        await until(lambda: link.down.dropped == 4, "the echo to be dropped", 5)
+        await eventually(lambda: link.down.dropped == 4, "the echo to be dropped", timeout=5)
         proxy.heal()
         writer.write(b"here")
         assert await read(reader, 4) == b"here"
@@ -183,7 +184,7 @@ async def test_delay_forwards_every_chunk_in_order_after_the_delay(
         for part in (b"1", b"2", b"3"):
             writer.write(part)
             await writer.drain()
-        await until(lambda: len(conn.received) == 4, "the delayed bytes", 5)
+        await eventually(lambda: len(conn.received) == 4, "the delayed bytes", timeout=5)
         assert bytes(conn.received) == b"0123"
         assert conn.first_at is not None
         assert conn.first_at - sent >= 0.4
@@ -204,7 +205,9 @@ async def test_delay_holds_back_the_first_bytes_by_the_delay(echo: Echo, proxy: 
     async with dial(proxy) as (reader, writer):
         sent = time.monotonic()
         writer.write(b"x")
-        await until(lambda: echo.conns and echo.conns[0].first_at, "the server to get it", 5)
+        await eventually(
+            lambda: echo.conns and echo.conns[0].first_at, "the server to get it", timeout=5
+        )
         first_at = echo.conns[0].first_at
         assert first_at is not None
         assert first_at - sent >= 0.4
@@ -220,8 +223,10 @@ async def test_cut_resets_both_ends_refuses_new_connections_until_heal(
         assert await read(reader, 1) == b"0"
         proxy.cut()
         assert await closed_by_peer(reader)
-        await until(lambda: echo.conns[0].ended, "the server to see the connection go", 5)
-        await until(lambda: not proxy.links, "the link to be forgotten", 5)
+        await eventually(
+            lambda: echo.conns[0].ended, "the server to see the connection go", timeout=5
+        )
+        await eventually(lambda: not proxy.links, "the link to be forgotten", timeout=5)
 
     async with dial(proxy) as (reader, writer):  # accepted by the kernel, then reset
         assert await closed_by_peer(reader)
@@ -247,12 +252,14 @@ async def test_cutting_one_direction_leaves_the_other_end_half_open(
         link.cut(Direction.DOWN)  # the client's end goes; the server's stays open
         assert await closed_by_peer(reader)
         conn.writer.write(b"ping")  # the server still talks: the proxy reads and discards it
-        await until(lambda: link.down.dropped == 4, "the server's bytes to be discarded", 5)
+        await eventually(
+            lambda: link.down.dropped == 4, "the server's bytes to be discarded", timeout=5
+        )
         assert not link.closed
         assert proxy.links == [link]
         assert "cut=DOWN" in repr(link)
         link.cut(Direction.UP)  # now the server's end too
-        await until(lambda: conn.ended, "the server to see the connection go", 5)
+        await eventually(lambda: conn.ended, "the server to see the connection go", timeout=5)
         assert link.closed
         assert not proxy.links
     async with dial(proxy) as (reader, writer):  # a per-link cut refuses nothing
@@ -270,17 +277,19 @@ async def test_faults_apply_to_one_connection_or_to_all(echo: Echo, proxy: NetPr
         w1.write(b"held")
         w2.write(b"free")
         assert await read(r2, 4) == b"free"
-        await until(lambda: one.up.held == 4, "link one to hold its bytes", 5)
+        await eventually(lambda: one.up.held == 4, "link one to hold its bytes", timeout=5)
         assert "up=forward" in repr(proxy)  # the proxy-wide mode did not change
         one.heal()
         assert await read(r1, 4) == b"held"
 
         proxy.blackhole(Direction.DOWN)
         async with dial(proxy) as (r3, w3):
-            await until(lambda: len(proxy.links) == 3, "the third connection", 5)
+            await eventually(lambda: len(proxy.links) == 3, "the third connection", timeout=5)
             three = proxy.links[2]
             w3.write(b"new")
-            await until(lambda: three.down.held == 3, "the new link to hold the echo", 5)
+            await eventually(
+                lambda: three.down.held == 3, "the new link to hold the echo", timeout=5
+            )
             assert two.down.mode == three.down.mode
             proxy.heal()
             assert await read(r3, 3) == b"new"
@@ -313,7 +322,7 @@ async def test_a_nats_client_through_the_proxy(nats_server: NatsServer) -> None:
             proxy.blackhole()
             sent = link.up.forwarded
             await nc.publish("netproxy.test", b"during")
-            await until(lambda: link.up.held > 0, "the publish to be held", 5)
+            await eventually(lambda: link.up.held > 0, "the publish to be held", timeout=5)
             assert link.up.forwarded == sent  # so the server has not seen it
             assert nc.is_connected  # and nothing told the client
             # No `nc.flush(timeout)` here: in nats-py 2.16 a flush that times out leaves its
@@ -325,7 +334,9 @@ async def test_a_nats_client_through_the_proxy(nats_server: NatsServer) -> None:
 
             proxy.cut()
             await asyncio.wait_for(disconnected.wait(), 5)
-            await until(lambda: proxy.refused >= 1, "a reconnect attempt to be refused", 5)
+            await eventually(
+                lambda: proxy.refused >= 1, "a reconnect attempt to be refused", timeout=5
+            )
             assert not reconnected.is_set()
             proxy.heal()
             await asyncio.wait_for(reconnected.wait(), 5)

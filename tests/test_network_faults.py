@@ -26,9 +26,9 @@ import pytest
 
 from taskframe import Client, PublishError, TaskState, connect
 from taskframe import _topology as topology
-from taskframe._server import NatsServer
+from taskframe.testing import NatsServer, eventually
 from tests.fault_apps import Once, Work
-from tests.faultkit import AckTap, BucketTap, Procs, until, until_drained
+from tests.faultkit import AckTap, BucketTap, Procs, until_drained
 from tests.ledger import Ledger
 from tests.netproxy import NetProxy
 
@@ -70,7 +70,7 @@ def held(proxy: NetProxy) -> int:
 async def test_half_open_connection_the_stale_worker_records_and_settles_nothing(
     client: Client, nats_server: NatsServer, procs: Procs
 ) -> None:
-    ledger = Ledger("half-open connection: stale worker blackholed 16 s", procs.ledger)
+    ledger = Ledger("half-open connection: stale worker blackholed 16 s", procs.journal)
     ns = client.namespace
     async with NetProxy("127.0.0.1", nats_server.port) as proxy:
         # Pings every 20 s: nats-py must not notice the partition before it heals, so A's
@@ -86,31 +86,33 @@ async def test_half_open_connection_the_stale_worker_records_and_settles_nothing
             ids = [r.id for r in runs]
             # A holds all 4 (2 running, 2 prefetched): B starts only after the cut, so
             # every first delivery is A's and every later one is B's.
-            await until(lambda: len(procs.ledger.entries("start", pid=a.pid)) == 2, "A's 2 starts")
+            await eventually(
+                lambda: len(procs.journal.entries("start", pid=a.pid)) == 2, "A's 2 starts"
+            )
             proxy.blackhole()
             cut = time.time()
             b = procs.worker(nats_server.url, concurrency=4, ack_wait=ACK_WAIT)
 
             def b_finished() -> bool:
-                return {e.task_id for e in procs.ledger.entries("done", pid=b.pid)} >= set(ids)
+                return {e.task_id for e in procs.journal.entries("done", pid=b.pid)} >= set(ids)
 
-            await until(b_finished, "B to finish all 4 tasks", 25)
+            await eventually(b_finished, "B to finish all 4 tasks", timeout=25)
             # The partition lasts a set time; there is no event to wait for.
             await asyncio.sleep(max(0.0, cut + HALF_OPEN_S - time.time()))
             proxy.heal()
-            await until(lambda: held(proxy) == 0, "A's held bytes to be delivered", 10)
+            await eventually(lambda: held(proxy) == 0, "A's held bytes to be delivered", timeout=10)
             a.signal(signal.SIGTERM)  # A does everything it was going to do, then exits
             a_exit = await a.wait_exit(timeout=20)
             await statuses.caught_up()
             await client.nc.flush()  # every ack A sent before it exited is in our inbox
 
         await ledger.settle(client)
-        by_b = {e.task_id: e.attempt for e in procs.ledger.entries("done", pid=b.pid)}
+        by_b = {e.task_id: e.attempt for e in procs.journal.entries("done", pid=b.pid)}
         succeeded = {i: [w.attempt for w in statuses.writes(i, "succeeded")] for i in ids}
         # Seen after the cut, A's records arrived only with the heal: A was cut off until then.
         stale_records = [w for w in statuses.writes() if w.attempt == 1 and w.at > cut]
         stale_settles = acks.seen(delivered=1)
-        late_starts = [e for e in procs.ledger.entries("start", pid=a.pid) if e.at > cut]
+        late_starts = [e for e in procs.journal.entries("start", pid=a.pid) if e.at > cut]
         figures = await ledger.figures(
             client,
             recover_s=ledger.first_done_after(cut, ids, started_after=True),
@@ -137,7 +139,7 @@ async def test_half_open_connection_the_stale_worker_records_and_settles_nothing
             status = await client.status(i)
             assert status is not None
             assert (status.state, status.attempt) == (TaskState.SUCCEEDED, by_b[i])
-        await until_drained(client.js, ns, "work")
+        await until_drained(client, "work")
         assert a_exit == 0
         assert b.alive
 
@@ -145,7 +147,7 @@ async def test_half_open_connection_the_stale_worker_records_and_settles_nothing
 async def test_the_only_worker_cut_off_uses_up_no_attempts_and_succeeds_once(
     client: Client, nats_server: NatsServer, procs: Procs
 ) -> None:
-    ledger = Ledger("the only worker blackholed 12 s, then healed", procs.ledger)
+    ledger = Ledger("the only worker blackholed 12 s, then healed", procs.journal)
     ns = client.namespace
     async with NetProxy("127.0.0.1", nats_server.port) as proxy:
         a = procs.worker(proxy.url, concurrency=4, ack_wait=ACK_WAIT, TASKFRAME_PING_INTERVAL="20")
@@ -154,7 +156,9 @@ async def test_the_only_worker_cut_off_uses_up_no_attempts_and_succeeds_once(
             runs = await client.enqueue_many(Work(seconds=3.0) for _ in range(4))
             ledger.acknowledge(*runs)
             ids = [r.id for r in runs]
-            await until(lambda: len(procs.ledger.entries("start", pid=a.pid)) == 4, "A's 4 starts")
+            await eventually(
+                lambda: len(procs.journal.entries("start", pid=a.pid)) == 4, "A's 4 starts"
+            )
             proxy.blackhole()
             cut = time.time()
             await asyncio.sleep(ALONE_S)  # the partition lasts a set time: nothing to wait for
@@ -168,7 +172,7 @@ async def test_the_only_worker_cut_off_uses_up_no_attempts_and_succeeds_once(
             await statuses.caught_up()
 
         await ledger.settle(client)
-        starts = Counter(e.task_id for e in procs.ledger.entries("start") if e.task_id in ids)
+        starts = Counter(e.task_id for e in procs.journal.entries("start") if e.task_id in ids)
         succeeded = {i: [w.attempt for w in statuses.writes(i, "succeeded")] for i in ids}
         dead_writes = [w for w in statuses.writes() if w.state == TaskState.DEAD]
         figures = await ledger.figures(
@@ -193,10 +197,10 @@ async def test_the_only_worker_cut_off_uses_up_no_attempts_and_succeeds_once(
         )
         figures.check()
         assert probed == probe.id
-        await until_drained(client.js, ns, "work")
+        await until_drained(client, "work")
         assert a_exit == 0
-        assert procs.ledger.pids() == {a.pid}
-        assert min(e.at for e in procs.ledger.entries("start")) < cut
+        assert procs.journal.pids() == {a.pid}
+        assert min(e.at for e in procs.journal.entries("start")) < cut
 
 
 @pytest.mark.slow
@@ -204,7 +208,7 @@ async def test_the_only_worker_cut_off_uses_up_no_attempts_and_succeeds_once(
 async def test_exactly_once_task_of_a_paused_holder_completes_once_after_its_claim_expires(
     client: Client, nats_server: NatsServer, procs: Procs
 ) -> None:
-    ledger = Ledger("exactly-once task, holder SIGSTOPped, default settings", procs.ledger)
+    ledger = Ledger("exactly-once task, holder SIGSTOPped, default settings", procs.journal)
     ns = client.namespace
     a = procs.worker(nats_server.url, concurrency=1, ack_wait=None)  # the defaults: 10 s
     await a.wait_log("worker ready")
@@ -214,7 +218,7 @@ async def test_exactly_once_task_of_a_paused_holder_completes_once_after_its_cla
         AckTap(client, topology.queue_stream(ns, "once")) as acks,
     ):
         run = await ledger.enqueue(client, Once(seconds=3.0))
-        await until(lambda: procs.ledger.entries("start", run.id, pid=a.pid), "A to start it")
+        await eventually(lambda: procs.journal.entries("start", run.id, pid=a.pid), "A to start it")
         a.signal(signal.SIGSTOP)
         stopped = time.time()
         try:
@@ -237,9 +241,9 @@ async def test_exactly_once_task_of_a_paused_holder_completes_once_after_its_cla
         for w in claims.writes(run.id)
         if str(w.record.get("owner", "")).endswith(f":{a.pid}") and w.at < continued
     ]
-    b_starts = procs.ledger.entries("start", run.id, pid=b.pid)
+    b_starts = procs.journal.entries("start", run.id, pid=b.pid)
     b_after = b_starts[0].at - max(renewals) if b_starts and renewals else None
-    a_finished = bool(procs.ledger.entries("done", run.id, pid=a.pid))
+    a_finished = bool(procs.journal.entries("done", run.id, pid=a.pid))
     figures = await ledger.figures(
         client,
         recover_s=ledger.first_done_after(stopped, {run.id}, started_after=True),
@@ -263,7 +267,7 @@ async def test_exactly_once_task_of_a_paused_holder_completes_once_after_its_cla
         f"B started A's task {b_after:.1f}s after A's last claim renewal; the claim expires "
         f"{CLAIM_S:.0f}s after it (allowed {CLAIM_S + CLAIM_MARGIN_S:.0f}s)"
     )
-    [by_b] = procs.ledger.entries("done", run.id, pid=b.pid)
+    [by_b] = procs.journal.entries("done", run.id, pid=b.pid)
     assert by_b.attempt == b_start.attempt
     succeeded = [w.attempt for w in statuses.writes(run.id, "succeeded")]
     assert succeeded == [by_b.attempt], f"succeeded records (attempts): {succeeded}"
@@ -283,7 +287,7 @@ async def test_exactly_once_task_of_a_paused_holder_completes_once_after_its_cla
     stored = json.loads(claim.data or b"{}")
     assert stored["state"] == "done"
     assert stored["owner"].endswith(f":{b.pid}"), f"the completed claim: {stored}"
-    await until_drained(client.js, ns, "once")
+    await until_drained(client, "once")
     assert a_exit == 0
     assert b.alive
 
@@ -291,7 +295,7 @@ async def test_exactly_once_task_of_a_paused_holder_completes_once_after_its_cla
 async def test_a_blackholed_producer_gets_publish_error_within_its_bound_then_recovers(
     client: Client, nats_server: NatsServer, procs: Procs
 ) -> None:
-    ledger = Ledger("producer's connection blackholed during an enqueue", procs.ledger)
+    ledger = Ledger("producer's connection blackholed during an enqueue", procs.journal)
     ns = client.namespace
     worker = procs.worker(nats_server.url, concurrency=4)  # direct: only the producer is cut
     await worker.wait_log("worker ready")
@@ -341,5 +345,5 @@ async def test_a_blackholed_producer_gets_publish_error_within_its_bound_then_re
     assert figures.acknowledged == 3
     assert figures.duplicated == 0
     assert info.state.last_seq == 3, "a task stored twice (or one not at all)"
-    await until_drained(client.js, ns, "work")
+    await until_drained(client, "work")
     assert worker.alive

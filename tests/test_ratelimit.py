@@ -76,33 +76,6 @@ def settings_for(url: str, namespace: str, **overrides: float) -> Settings:
     return Settings(url=url, namespace=namespace, storage="memory", **overrides)
 
 
-async def test_three_workers_share_one_limit(nats_server: NatsServer, namespace: str) -> None:
-    limit = RateLimit.parse("20/s")
-    settings = settings_for(nats_server.url, namespace)
-    starts: list[float] = []
-    async with limiters(nats_server.url, settings, limit, workers=3) as workers:
-        first = math.floor(time.time())
-        stop_at = first + 4  # three whole windows after the current one
-
-        async def run(limiter: RateLimiter) -> None:
-            while True:
-                await limiter.acquire()
-                now = time.time()
-                if now >= stop_at:
-                    return
-                starts.append(now)
-
-        async with asyncio.timeout(8):
-            async with asyncio.TaskGroup() as group:
-                for limiter in workers:
-                    for _ in range(5):  # five concurrent acquirers per worker
-                        group.create_task(run(limiter))
-    per_window = Counter(math.floor(t) for t in starts)
-    assert max(per_window.values()) <= 20, per_window
-    whole = [per_window[w] for w in range(first + 1, stop_at)]
-    assert sum(whole) >= 0.9 * 20 * len(whole), per_window
-
-
 async def test_acquires_at_once_under_the_limit_then_waits_for_the_next_window(
     nats_server: NatsServer, namespace: str
 ) -> None:

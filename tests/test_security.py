@@ -27,9 +27,9 @@ from taskframe import (
 )
 from taskframe._connection import explain
 from taskframe._publish import publish_stored
-from taskframe._server import NatsServer, server_binary
+from taskframe._server import server_binary
 from taskframe._topology import queue_stream
-from taskframe.testing import running_worker
+from taskframe.testing import NatsServer, eventually, running_worker
 
 SECURE = Path(__file__).parent.parent / "deploy" / "secure"
 NS = "shop"  # the namespace deploy/secure/accounts.conf is written for
@@ -157,14 +157,14 @@ async def worker(
         yield client
 
 
-def refused_by_server(server: NatsServer, kind: str, subject: str) -> bool:
-    """Whether the server logged a violation of `kind` ("Publish"/"Subscription") on `subject`."""
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        if any(f'{kind} Violation - Subject "{subject}"' in line for line in server.log):
-            return True
-        time.sleep(0.02)
-    return False
+async def refused_by_server(server: NatsServer, kind: str, subject: str) -> None:
+    """Wait for the server to log a violation of `kind` ("Publish"/"Subscription") on `subject`."""
+    violation = f'{kind} Violation - Subject "{subject}"'
+    await eventually(
+        lambda: any(violation in line for line in server.log),
+        f"the server to log: {violation}",
+        timeout=2,
+    )
 
 
 # Allowed: each role does its part end to end.
@@ -189,7 +189,7 @@ async def test_a_producer_cannot_create_streams(server: NatsServer, producer: Cl
     assert time.monotonic() - started < FAST
     assert caught.value.operation == f"create stream TF_{NS}_fresh"
     assert "run `taskframe provision` with an admin user first" in str(caught.value)
-    assert refused_by_server(server, "Publish", f"$JS.API.STREAM.CREATE.TF_{NS}_fresh")
+    await refused_by_server(server, "Publish", f"$JS.API.STREAM.CREATE.TF_{NS}_fresh")
 
 
 async def test_a_producer_cannot_consume(server: NatsServer, producer: Client) -> None:
@@ -199,7 +199,7 @@ async def test_a_producer_cannot_consume(server: NatsServer, producer: Client) -
         await producer.nc.request(pull, b'{"batch": 1}', timeout=10)
     assert time.monotonic() - started < FAST
     assert caught.value.operation == f"consume from stream TF_{NS}_math"
-    assert refused_by_server(server, "Publish", pull)
+    await refused_by_server(server, "Publish", pull)
     with pytest.raises(PermissionDeniedError, match="use a worker or admin user"):
         async with running_worker(build_app(), producer):
             pass
@@ -215,19 +215,19 @@ async def test_a_producer_cannot_purge_delete_or_forge_results(
     with pytest.raises(PermissionDeniedError, match="only an admin user may delete") as delete:
         await producer.js.delete_stream(stream)
     assert delete.value.operation == f"delete stream {stream}"
-    assert refused_by_server(server, "Publish", f"$JS.API.STREAM.PURGE.{stream}")
-    assert refused_by_server(server, "Publish", f"$JS.API.STREAM.DELETE.{stream}")
+    await refused_by_server(server, "Publish", f"$JS.API.STREAM.PURGE.{stream}")
+    await refused_by_server(server, "Publish", f"$JS.API.STREAM.DELETE.{stream}")
     result = f"$KV.TF_{NS}_results.forged"
     with pytest.raises(PermissionDeniedError, match="only workers may write task status"):
         await publish_stored(producer.nc, producer.settings, result, b"{}")
-    assert refused_by_server(server, "Publish", result)
+    await refused_by_server(server, "Publish", result)
     assert (await producer.js.stream_info(stream)).config.name == stream
 
 
 async def test_a_producer_cannot_read_a_workers_inbox(server: NatsServer, producer: Client) -> None:
     await producer.nc.subscribe("_INBOX_worker.>")
     await producer.nc.flush()
-    assert refused_by_server(server, "Subscription", "_INBOX_worker.>")
+    await refused_by_server(server, "Subscription", "_INBOX_worker.>")
 
 
 # Forbidden for a worker.
@@ -241,8 +241,8 @@ async def test_a_worker_cannot_purge_delete_or_create_streams(
         await worker.js.purge_stream(stream, subject=f"{NS}.sched.math.cron.nightly")
     with pytest.raises(PermissionDeniedError, match="only an admin user may delete"):
         await worker.js.delete_stream(stream)
-    assert refused_by_server(server, "Publish", f"$JS.API.STREAM.PURGE.{stream}")
-    assert refused_by_server(server, "Publish", f"$JS.API.STREAM.DELETE.{stream}")
+    await refused_by_server(server, "Publish", f"$JS.API.STREAM.PURGE.{stream}")
+    await refused_by_server(server, "Publish", f"$JS.API.STREAM.DELETE.{stream}")
     app = build_app()
 
     @app.handle(Fresh)
@@ -262,7 +262,7 @@ async def test_a_worker_cannot_publish_to_another_namespace(server: NatsServer, 
         with pytest.raises(PermissionDeniedError, match="'other'") as caught:
             await publish_stored(elsewhere.nc, elsewhere.settings, "other.tasks.math.Double", b"{}")
         assert caught.value.operation == "publish to other.tasks.math.Double"
-    assert refused_by_server(server, "Publish", "other.tasks.math.Double")
+    await refused_by_server(server, "Publish", "other.tasks.math.Double")
 
 
 # Logging in.

@@ -1,28 +1,59 @@
+"""The worker (taskframe.worker): runs handlers, serves lanes in priority order, holds the
+queue's limits, feeds every subscriber group, runs exactly-once tasks once, stops cleanly.
+
+Run in the test's loop (`running_worker`), several at once each on its own connection
+(the `workers` fixture) where a guarantee spans workers."""
+
 import asyncio
-import json
+import threading
+import time
+from collections import Counter
 
 import pytest
 
-from taskframe import App, Client, Context, TaskFailed, TaskState, Worker
-from taskframe._topology import dead_stream
-from taskframe.provision import ensure_queue
-from taskframe.testing import running_worker, work_until
-from tests.apps import Add, AlwaysFails, Flaky, Quiet, Slow, build
+from taskframe import (
+    App,
+    Client,
+    ConfigError,
+    Context,
+    Event,
+    Task,
+    TaskState,
+    Worker,
+    provision,
+)
+from taskframe import _topology as topology
+from taskframe.testing import eventually, running_worker
+from tests.apps import Add, Slow, build
+from tests.conftest import Workers
 
 
-async def raw_publish(client: Client, task: str, body: bytes) -> None:
-    """Publish as a producer without taskframe would: subject and body only."""
-    await ensure_queue(client.js, client.settings, "math")
-    await client.js.publish(f"{client.namespace}.tasks.math.{task}", body)
+class Job(Task[str], queue="lanes"):
+    n: int
 
 
-async def dead_letters(client: Client) -> list[dict[str, str]]:
-    info = await client.js.stream_info(dead_stream(client.namespace))
-    letters = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await client.js.get_msg(dead_stream(client.namespace), seq)
-        letters.append({**(msg.headers or {}), "body": (msg.data or b"").decode()})
-    return letters
+class Urgent(Task[str], queue="lanes", priority="high"):
+    n: int
+
+
+class Sleepy(Task[None], queue="limited", results=False):
+    seconds: float = 0.05
+
+
+class Charge(Task[str], queue="payments"):
+    order: int
+    seconds: float = 0.0
+
+
+class OrderPlaced(Event):
+    order: int
+
+
+class InvoiceSent(Event, name="billing.invoice-sent"):
+    order: int
+
+
+# Running handlers -----------------------------------------------------------------------
 
 
 async def test_handler_result_comes_back_typed(client: Client) -> None:
@@ -36,118 +67,20 @@ async def test_handler_result_comes_back_typed(client: Client) -> None:
     assert calls == [f"add:{run.id}:1"]
 
 
-async def test_failures_retry_with_backoff_until_success(client: Client) -> None:
-    calls: list[str] = []
-    run = await client.enqueue(Flaky(succeed_on=3))
-    async with running_worker(build(client.namespace, calls), client):
-        assert await run.result(timeout=10) == "ok on 3"
-    assert calls == ["flaky:1", "flaky:2", "flaky:3"]
-
-
-async def test_always_failing_task_is_dead_after_exactly_max_attempts(client: Client) -> None:
-    calls: list[str] = []
-    bad = await client.enqueue(AlwaysFails())
-    good = await client.enqueue(Add(a=1, b=1))
-    async with running_worker(build(client.namespace, calls), client) as worker:
-        with pytest.raises(TaskFailed) as failed:
-            await bad.result(timeout=10)
-        assert await good.result(timeout=5) == 2  # the worker kept going
-        assert worker.stats.dead == 1
-    assert failed.value.attempts == 3
-    assert failed.value.error_type == "RuntimeError"
-    assert "handler always raises" in failed.value.message
-    assert calls.count("fails:1") == calls.count("fails:2") == calls.count("fails:3") == 1
-    [letter] = await dead_letters(client)
-    assert letter["Tf-Dead-Reason"] == "failed"
-    assert letter["Tf-Attempts"] == "3"
-    assert letter["Tf-Error-Type"] == "RuntimeError"
-    assert "handler always raises" in json.loads(letter["Tf-Traceback"])
-    assert letter["Tf-Id"] == bad.id
-    assert json.loads(letter["body"]) == {"note": ""}
-
-
-async def test_reject_goes_to_dead_letters_at_once(client: Client) -> None:
-    calls: list[str] = []
-    run = await client.enqueue(AlwaysFails(note="reject"))
-    async with running_worker(build(client.namespace, calls), client):
-        with pytest.raises(TaskFailed, match="not worth retrying"):
-            await run.result(timeout=5)
-    assert calls == ["fails:1"]
-    status = await run.status()
-    assert status.error is not None
-    assert status.error.reason == "rejected"
-
-
-async def test_retry_signal_uses_its_delay_and_counts_attempts(client: Client) -> None:
-    calls: list[str] = []
-    run = await client.enqueue(AlwaysFails(note="retry-now"))
-    async with running_worker(build(client.namespace, calls), client):
-        with pytest.raises(TaskFailed):
-            await run.result(timeout=5)
-    assert calls == ["fails:1", "fails:2", "fails:3"]
-
-
-async def test_timeout_fails_the_attempt(client: Client) -> None:
-    app = App(client.namespace)
-
-    @app.handle(Slow, timeout=0.2, max_attempts=1)
-    async def slow(job: Slow, ctx: Context) -> float:
-        await asyncio.sleep(job.seconds)
-        return job.seconds
-
-    run = await client.enqueue(Slow(seconds=30))
-    async with running_worker(app, client):
-        with pytest.raises(TaskFailed, match=r"timeout of 0\.2s") as failed:
-            await run.result(timeout=5)
-    assert failed.value.error_type == "TimeoutError"
-
-
-@pytest.mark.parametrize(
-    ("payload", "reason", "error"),
-    [
-        (b"{not json", "invalid", "ValidationError"),
-        (b'{"a": "one", "b": 2}', "invalid", "ValidationError"),
-        (b'{"a": 1}', "invalid", "ValidationError"),
-    ],
-)
-async def test_bad_payload_is_dead_at_once_with_the_reason(
-    client: Client, payload: bytes, reason: str, error: str
-) -> None:
-    calls: list[str] = []
-    await raw_publish(client, "Add", payload)
-    good = await client.enqueue(Add(a=1, b=1))
-    async with running_worker(build(client.namespace, calls), client) as worker:
-        assert await good.result(timeout=5) == 2
-        await _until(lambda: worker.stats.dead == 1)
-    [letter] = await dead_letters(client)
-    assert letter["Tf-Dead-Reason"] == reason
-    assert letter["Tf-Error-Type"] == error
-    assert letter["Tf-Attempts"] == "1"
-    assert letter["body"] == payload.decode()
-    assert [c for c in calls if c.startswith("add")] == [f"add:{good.id}:1"]
-
-
-async def test_unknown_task_is_dead_with_the_reason(client: Client) -> None:
-    await raw_publish(client, "NoSuchTask", b"{}")
-    worker = await work_until(build(client.namespace), client, lambda w: w.stats.dead == 1)
-    assert worker.stats.retried == 0
-    [letter] = await dead_letters(client)
-    assert letter["Tf-Dead-Reason"] == "unknown-task"
-    assert "NoSuchTask" in letter["Tf-Error"]
-
-
 async def test_plain_publish_without_headers_is_accepted(client: Client) -> None:
     """Another language's producer may send only the subject and the JSON body."""
     calls: list[str] = []
-    await raw_publish(client, "Add", b'{"a": 40, "b": 2}')
-    await work_until(build(client.namespace, calls), client, lambda w: w.stats.succeeded == 1)
-    assert len(calls) == 1
-    assert calls[0].startswith("add:math-1:1")
+    app = build(client.namespace, calls)
+    async with running_worker(app, client) as worker:
+        await client.js.publish(f"{client.namespace}.tasks.math.Add", b'{"a": 40, "b": 2}')
+        await eventually(lambda: worker.stats.succeeded == 1, "the plain message to run")
+    assert calls == ["add:math-1:1"]  # named after its queue and stream sequence
+    status = await client.status("math-1")
+    assert status is not None
+    assert status.result == 42
 
 
 async def test_sync_handlers_run_in_threads_alongside_async_ones(client: Client) -> None:
-    import threading
-
     app = App(client.namespace)
     threads: set[str] = set()
 
@@ -161,14 +94,6 @@ async def test_sync_handlers_run_in_threads_alongside_async_ones(client: Client)
         assert [await r.result(timeout=5) for r in runs] == list(range(20))
     assert threads
     assert all(name.startswith("taskframe") for name in threads)
-
-
-async def test_tasks_without_results_write_no_status(client: Client) -> None:
-    calls: list[str] = []
-    run = await client.enqueue(Quiet(n=7))
-    await work_until(build(client.namespace, calls), client, lambda w: w.stats.succeeded == 1)
-    assert calls == ["quiet:7"]
-    assert await client.status(run.id) is None
 
 
 async def test_concurrency_bounds_running_tasks(client: Client) -> None:
@@ -192,13 +117,16 @@ async def test_concurrency_bounds_running_tasks(client: Client) -> None:
     assert peak == 4
 
 
+# Starting and stopping ------------------------------------------------------------------
+
+
 async def test_stop_hands_unstarted_tasks_back_and_finishes_running_ones(client: Client) -> None:
     calls: list[str] = []
     app = build(client.namespace, calls)
     runs = await client.enqueue_many(Slow(seconds=0.3) for _ in range(10))
     worker = Worker(app, client, concurrency=2, prefetch=8, grace=5.0)
     task = asyncio.create_task(worker.run())
-    await _until(lambda: worker.stats.running == 2)
+    await eventually(lambda: worker.stats.running == 2, "two tasks running")
     worker.stop()
     await task
     assert worker.stats.succeeded == 2
@@ -209,6 +137,17 @@ async def test_stop_hands_unstarted_tasks_back_and_finishes_running_ones(client:
     assert len([c for c in calls if c.startswith("slow")]) == 10
 
 
+async def test_a_worker_refuses_what_it_cannot_run(client: Client) -> None:
+    with pytest.raises(ConfigError, match="is not the client's"):
+        Worker(build("elsewhere"), client)
+    with pytest.raises(ConfigError, match=r"no handlers for queue\(s\) \['nope'\]"):
+        Worker(build(client.namespace), client, queues=["nope"])
+    with pytest.raises(ConfigError, match="nothing to run"):
+        Worker(App(client.namespace), client)
+    with pytest.raises(ConfigError, match="concurrency"):
+        Worker(build(client.namespace), client, concurrency=0)
+
+
 async def test_worker_repr_reads_well(client: Client) -> None:
     worker = Worker(build(client.namespace), client, queues=["math"])
     assert repr(worker) == (
@@ -216,11 +155,186 @@ async def test_worker_repr_reads_well(client: Client) -> None:
     )
 
 
-async def _until(condition: object, timeout: float = 5.0) -> None:
-    """Wait for a worker-side condition that has no event of its own (tests only)."""
-    assert callable(condition)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+# Priorities -----------------------------------------------------------------------------
+
+
+async def test_a_high_task_overtakes_a_backlog_of_low_ones(client: Client) -> None:
+    order: list[str] = []
+    app = App(client.namespace)
+    app.queue("lanes", priorities=("high", "default", "low"))
+
+    @app.handle(Job)
+    async def job(task: Job, ctx: Context) -> str:
+        order.append(f"job-{task.n}")
+        return "job"
+
+    @app.handle(Urgent)
+    async def urgent(task: Urgent, ctx: Context) -> str:
+        order.append("urgent")
+        return "urgent"
+
+    await provision(app, client)
+    await client.enqueue_many(Job(n=i) for i in range(1000))  # the default lane
+    lows = await client.enqueue_many((Job(n=1000 + i) for i in range(1000)), priority="low")
+    urgent_run = await client.enqueue(Urgent(n=0))  # the model's default lane: high
+    async with running_worker(app, client, concurrency=1, prefetch=4):
+        assert await urgent_run.result(timeout=20) == "urgent"
+        await lows[-1].result(timeout=30)
+    position = order.index("urgent")
+    assert position <= 5, position  # only what the worker already held went first
+    assert len(order) == 2001  # the lower lanes still drained once higher ones were empty
+    # The default lane ran before the low lane.
+    assert max(order.index(f"job-{i}") for i in range(1000)) < order.index("job-1000")
+
+
+# Limits across workers ------------------------------------------------------------------
+
+
+async def test_max_in_flight_holds_across_workers(
+    namespace: str, client: Client, workers: Workers
+) -> None:
+    running = 0
+    peak = 0
+    done = 0
+    app = App(namespace)
+    app.queue("limited", max_in_flight=5)
+
+    @app.handle(Sleepy)
+    async def sleepy(job: Sleepy, ctx: Context) -> None:
+        nonlocal running, peak, done
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(job.seconds)
+        running -= 1
+        done += 1
+
+    async with workers(app, 3, concurrency=10, prefetch=0):
+        await client.enqueue_many(Sleepy() for _ in range(50))
+        await eventually(lambda: done == 50, "50 tasks done", timeout=20)
+    assert peak == 5
+
+
+async def test_rate_limit_holds_across_workers(
+    namespace: str, client: Client, workers: Workers
+) -> None:
+    starts: list[float] = []
+    app = App(namespace)
+    app.queue("limited", rate_limit="20/s")
+
+    @app.handle(Sleepy)
+    async def sleepy(job: Sleepy, ctx: Context) -> None:
+        starts.append(time.time())
+
+    async with workers(app, 3, concurrency=10):
+        await client.enqueue_many(Sleepy(seconds=0) for _ in range(80))
+        await eventually(lambda: len(starts) == 80, "80 tasks started", timeout=20)
+    per_second = Counter(int(t) for t in starts)
+    assert max(per_second.values()) <= 20, per_second
+    full = sorted(per_second)[1:-1]  # whole seconds only
+    assert full, per_second
+    assert all(per_second[s] >= 18 for s in full), per_second
+
+
+# Events ---------------------------------------------------------------------------------
+
+
+async def test_every_group_gets_every_event_once(
+    namespace: str, client: Client, workers: Workers
+) -> None:
+    seen: dict[str, list[int]] = {"billing": [], "search": [], "audit": []}
+    app = App(namespace)
+
+    @app.subscribe(OrderPlaced, group="billing")
+    async def bill(event: OrderPlaced, ctx: Context) -> None:
+        seen["billing"].append(event.order)
+        await ctx.publish(InvoiceSent(order=event.order))
+
+    @app.subscribe(OrderPlaced, group="search")
+    async def index(event: OrderPlaced, ctx: Context) -> None:
+        seen["search"].append(event.order)
+
+    @app.subscribe(InvoiceSent, group="audit")
+    async def audit(event: InvoiceSent, ctx: Context) -> None:
+        seen["audit"].append(event.order)
+
+    async with workers(app, 2) as running:
+        for order in range(30):
+            await client.publish(OrderPlaced(order=order))
+        await eventually(
+            lambda: sum(w.stats.succeeded for w in running) == 90, "every group to ack each"
+        )
+        assert {group: sorted(orders) for group, orders in seen.items()} == {
+            "billing": list(range(30)),
+            "search": list(range(30)),
+            "audit": list(range(30)),
+        }
+
+        async def stream_empty() -> bool:  # acks are applied by the server after they arrive
+            info = await client.js.stream_info(topology.events_stream(namespace))
+            return info.state.messages == 0
+
+        await eventually(stream_empty, "every group's acks to empty the event stream")
+
+
+# Exactly-once ---------------------------------------------------------------------------
+
+
+def charge_app(namespace: str, runs: list[int], live: list[int]) -> App:
+    app = App(namespace)
+    app.queue("payments", duplicate_window=1.0)
+
+    @app.handle(Charge, exactly_once=True)
+    async def charge(job: Charge, ctx: Context) -> str:
+        live.append(job.order)
+        assert live.count(job.order) == 1, "ran on two workers at once"
+        runs.append(job.order)
+        await asyncio.sleep(job.seconds)
+        live.remove(job.order)
+        return f"charged {job.order}"
+
+    return app
+
+
+async def test_exactly_once_task_never_runs_again_after_it_completed(client: Client) -> None:
+    runs: list[int] = []
+    app = charge_app(client.namespace, runs, [])
+    first = await client.enqueue(Charge(order=1), key="charge-1")
+    async with running_worker(app, client):
+        assert await first.result(timeout=5) == "charged 1"
+    # As if storing its status had failed after the claim was marked done (broker away):
+    # the redelivery that finds it done stores the status again from the claim.
+    results = await client.js.key_value(topology.results_bucket(client.namespace))
+    await results.purge(first.id)
+    assert await client.status(first.id) is None
+
+    async def stored_again() -> bool:  # past the duplicate window the stream takes it again
+        return not (await client.enqueue(Charge(order=1), key="charge-1")).duplicate
+
+    async with running_worker(app, client) as worker:
+        await eventually(stored_again, "the 1 s duplicate window to pass")
+        await eventually(lambda: worker.stats.skipped == 1, "the repeat to be skipped")
+        assert worker.stats.succeeded == 0
+    assert runs == [1]
+    assert await first.result(timeout=5) == "charged 1"
+
+
+async def test_exactly_once_task_never_runs_on_two_workers_at_once(
+    namespace: str, client: Client, workers: Workers
+) -> None:
+    runs: list[int] = []
+    live: list[int] = []
+    app = charge_app(namespace, runs, live)
+    async with workers(app, 3) as running:
+        # Three copies of one task (one id, three message ids), as a retrying producer
+        # outside the dedupe window would make.
+        for copy in range(3):
+            await client.js.publish(
+                f"{namespace}.tasks.payments.Charge",
+                Charge(order=9, seconds=0.5).model_dump_json().encode(),
+                headers={"Tf-Id": "charge-9", "Nats-Msg-Id": f"copy-{copy}"},
+            )
+        await eventually(
+            lambda: sum(w.stats.skipped + w.stats.succeeded for w in running) == 3,
+            "every copy to be settled",
+        )
+    assert runs == [9]

@@ -1,10 +1,13 @@
-"""Schedule expressions: parsing, fire times, and agreement with nats-server."""
+"""Periodic tasks (taskframe.schedules, App.schedule): declared, kept by the broker, fired
+once per tick however many workers run; and their expressions (taskframe._cron): parsing,
+fire times across time zones and DST, and agreement with nats-server."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import nats
@@ -12,9 +15,100 @@ import pytest
 from nats.js import api as js_api
 from nats.js.errors import APIError
 
-from taskframe._cron import Schedule, every
-from taskframe._server import NatsServer
-from taskframe.errors import ConfigError
+from taskframe import App, Client, ConfigError, Context, Periodic, Task, provision
+from taskframe._cron import Schedule
+from taskframe.schedules import stored_schedules
+from taskframe.testing import NatsServer, eventually
+from tests.conftest import Workers
+
+every = Schedule.every
+
+
+class Ping(Task[None], queue="cron", results=False):
+    note: str = ""
+
+
+# Declaring ------------------------------------------------------------------------------
+
+
+def test_schedule_declares_a_periodic_task() -> None:
+    app = App("ns")
+    nightly = app.schedule("0 0 3 * * *", Ping(note="n"), name="nightly", time_zone="UTC")
+    often = app.schedule(task=Ping(), every=timedelta(minutes=5), name="often")
+    assert nightly == Periodic("nightly", Ping(note="n"), "0 0 3 * * *", "UTC")
+    assert (often.expression, often.time_zone, often.queue) == ("@every 300s", None, "cron")
+    assert app.schedule(task=Ping(), every=90.0, name="x").expression == "@every 90s"
+    assert app.schedules == {"nightly": nightly, "often": often, "x": app.schedules["x"]}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"cron": "@daily", "every": 60.0}, "either a cron expression or every="),
+        ({}, "either a cron expression or every="),
+        ({"cron": "* * * * *"}, "has 5 fields"),
+        ({"every": 1.5}, "whole number of seconds"),
+        ({"cron": "@daily", "name": "a.b"}, "schedule name"),
+        ({"cron": "@daily", "name": "taken"}, "already declared"),
+        ({"cron": "@daily", "task": None}, "needs the task"),
+    ],
+)
+def test_a_bad_declaration_is_a_config_error(arguments: dict[str, object], message: str) -> None:
+    app = App("ns")
+    app.schedule("@hourly", Ping(), name="taken")
+    with pytest.raises(ConfigError, match=message):
+        app.schedule(**{"task": Ping(), "name": "new", **arguments})  # type: ignore[call-overload]
+
+
+# Kept and fired by the broker -----------------------------------------------------------
+
+
+async def test_a_schedule_fires_once_per_tick_with_three_workers(
+    namespace: str, workers: Workers
+) -> None:
+    fired: list[float] = []
+    app = App(namespace)
+    app.schedule(task=Ping(note="tick"), every=1.0, name="heartbeat")
+
+    @app.handle(Ping)
+    async def ping(job: Ping, ctx: Context) -> None:
+        fired.append(time.time())
+
+    async with workers(app, 3):
+        await eventually(lambda: len(fired) >= 4, "four ticks")
+    gaps = [b - a for a, b in itertools.pairwise(fired)]
+    assert all(0.8 < gap < 1.2 for gap in gaps), gaps  # one per tick: no doubles, no misses
+
+
+async def test_schedules_are_reconciled_and_listed(client: Client) -> None:
+    app = App(client.namespace)
+    app.schedule("0 0 3 * * *", Ping(note="nightly"), name="nightly")
+    app.schedule(task=Ping(note="often"), every=300.0, name="often")
+
+    @app.handle(Ping)
+    async def ping(job: Ping, ctx: Context) -> None: ...
+
+    await provision(app, client)
+    listed = {s.name: s for s in await stored_schedules(client.js, client.namespace)}
+    assert set(listed) == {"nightly", "often"}
+    assert listed["nightly"].expression == "0 0 3 * * *"
+    assert (listed["often"].queue, listed["often"].task) == ("cron", "Ping")
+    nightly = listed["nightly"].next_fire
+    assert nightly is not None
+    assert (nightly.hour, nightly.minute, nightly.second) == (3, 0, 0)
+    often = listed["often"].next_fire
+    assert often is not None
+    assert 0 < (often - datetime.now(UTC)).total_seconds() <= 300
+
+    # Provisioning again changes nothing; dropping a declaration removes its schedule.
+    await provision(app, client)
+    assert {s.name: s for s in await stored_schedules(client.js, client.namespace)} == listed
+    del app.schedules["often"]
+    await provision(app, client)
+    assert [s.name for s in await stored_schedules(client.js, client.namespace)] == ["nightly"]
+
+
+# Expressions ----------------------------------------------------------------------------
 
 
 def utc(
@@ -361,40 +455,41 @@ REJECTED = [
 ]
 
 
-async def test_the_server_agrees_with_the_parser(tmp_path: Path) -> None:
-    with NatsServer(port=-1, store_dir=tmp_path) as server:
-        nc = await nats.connect(server.url)
-        try:
-            js = nc.jetstream()
-            await js.add_stream(
-                js_api.StreamConfig(
-                    name="X_q",
-                    subjects=["x.tasks.q.>", "x.sched.q.>"],
-                    retention=js_api.RetentionPolicy.WORK_QUEUE,
-                    storage=js_api.StorageType.MEMORY,
-                    allow_msg_schedules=True,
-                )
+async def test_the_server_agrees_with_the_parser(nats_server: NatsServer, namespace: str) -> None:
+    prefix, stream = f"{namespace}.x", f"X_{namespace}"
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(
+            js_api.StreamConfig(
+                name=stream,
+                subjects=[f"{prefix}.tasks.q.>", f"{prefix}.sched.q.>"],
+                retention=js_api.RetentionPolicy.WORK_QUEUE,
+                storage=js_api.StorageType.MEMORY,
+                allow_msg_schedules=True,
             )
-            for i, (text, zone) in enumerate(ACCEPTED):
-                schedule = Schedule.parse(text, zone)
-                ack = await js.publish(
-                    f"x.sched.q.ok{i}", b"", headers=_headers(schedule.expression, zone)
-                )
-                assert ack.seq > 0, text
-            for i, (text, zone) in enumerate(REJECTED):
-                with pytest.raises(ConfigError):
-                    Schedule.parse(text, zone)
-                with pytest.raises(APIError) as refused:
-                    await js.publish(f"x.sched.q.bad{i}", b"", headers=_headers(text, zone))
-                assert refused.value.err_code in (10189, 10223), text  # 10223: bad time zone
-            info = await js.stream_info("X_q", subjects_filter="x.sched.q.>")
-            assert len(info.state.subjects or {}) == len(ACCEPTED)
-        finally:
-            await nc.close()
+        )
+        for i, (text, zone) in enumerate(ACCEPTED):
+            schedule = Schedule.parse(text, zone)
+            headers = _headers(prefix, schedule.expression, zone)
+            ack = await js.publish(f"{prefix}.sched.q.ok{i}", b"", headers=headers)
+            assert ack.seq > 0, text
+        for i, (text, zone) in enumerate(REJECTED):
+            with pytest.raises(ConfigError):
+                Schedule.parse(text, zone)
+            headers = _headers(prefix, text, zone)
+            with pytest.raises(APIError) as refused:
+                await js.publish(f"{prefix}.sched.q.bad{i}", b"", headers=headers)
+            assert refused.value.err_code in (10189, 10223), text  # 10223: bad time zone
+        info = await js.stream_info(stream, subjects_filter=f"{prefix}.sched.q.>")
+        assert len(info.state.subjects or {}) == len(ACCEPTED)
+        await js.delete_stream(stream)  # or its schedules fire for the rest of the session
+    finally:
+        await nc.close()
 
 
-def _headers(expression: str, zone: str | None) -> dict[str, str]:
-    headers = {"Nats-Schedule": expression, "Nats-Schedule-Target": "x.tasks.q.T"}
+def _headers(prefix: str, expression: str, zone: str | None) -> dict[str, str]:
+    headers = {"Nats-Schedule": expression, "Nats-Schedule-Target": f"{prefix}.tasks.q.T"}
     if zone is not None:
         headers["Nats-Schedule-Time-Zone"] = zone
     return headers
