@@ -55,8 +55,10 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def describe(nats_server_version: str, redis_server_version: str) -> dict[str, Any]:
-    return {
+def describe(nats_server_version: str, redis_server_version: str | None = None) -> dict[str, Any]:
+    """The machine, the Python and package versions, and the servers' (a run without Redis
+    leaves `redis_server` out)."""
+    described = {
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)),
@@ -66,5 +68,7 @@ def describe(nats_server_version: str, redis_server_version: str) -> dict[str, A
         "python_implementation": platform.python_implementation(),
         "packages": _versions(),
         "nats_server": nats_server_version,
-        "redis_server": redis_server_version,
     }
+    if redis_server_version is not None:
+        described["redis_server"] = redis_server_version
+    return described

@@ -1,9 +1,9 @@
-"""The App the soak workers run (`python -m taskframe worker bench.soak_app:app`).
+"""The App the soak workers run (`python -m taskframe worker bench.soak.app:app`).
 
-Every handler appends one line to a per-process ledger file before it returns, so the soak
-driver can match acknowledged task ids against completions without asking the broker.
-Lines are written with one unbuffered `os.write` each: a worker killed with SIGKILL
-leaves whole lines or none, and nothing sits in a userspace buffer.
+Every handler writes one line to the handlers' journal (tests/journal.py, the fault suite's
+format) before it returns, so the driver can match acknowledged task ids against
+completions without asking the broker: `done`, `fail` (a Flaky first attempt), `reject` (a
+Doomed task), `tick` (the schedule) and, for events, the subscriber group's name.
 
 The worker process cannot be made to run code in its event loop from here at import time
 (the CLI imports the app before `asyncio.run`), so the first handler call in a process
@@ -24,14 +24,17 @@ from collections import Counter
 from pathlib import Path
 
 from taskframe import App, Context, Event, Reject, Retry, Task
+from tests.journal import Journal
 
 NAMESPACE = os.environ.get("SOAK_NAMESPACE", "soak")
 QUEUE = "soak"
+GROUPS = ("alpha", "beta")
 _DIR = Path(os.environ.get("SOAK_DIR", "."))
 _PROBE_PERIOD = float(os.environ.get("SOAK_PROBE_PERIOD", "2.0"))
 _DIGITS = re.compile(r"\d+")
 
 app = App(NAMESPACE)
+journal = Journal(_DIR / "journal.txt")
 
 
 class Noop(Task[None], queue=QUEUE, results=False):
@@ -70,16 +73,11 @@ class Ping(Event):
 
 app.schedule(task=Tick(), every=1.0, name="soak-tick")
 
-_ledger_fd: int | None = None
 _probe: asyncio.Task[None] | None = None
 
 
-def _record(kind: str, task_id: str, attempt: int) -> None:
-    global _ledger_fd
-    if _ledger_fd is None:
-        path = _DIR / f"ledger-{os.getpid()}.txt"
-        _ledger_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(_ledger_fd, f"{kind} {task_id} {attempt} {time.time():.3f}\n".encode())
+def _record(kind: str, ctx: Context) -> None:
+    journal.write(kind, ctx.task_id, ctx.attempt)
     _start_probe()
 
 
@@ -118,45 +116,45 @@ async def _sample() -> None:
 
 @app.handle(Noop, max_attempts=5, timeout=10.0)
 async def noop(task: Noop, ctx: Context) -> None:
-    _record("done", ctx.task_id, ctx.attempt)
+    _record("done", ctx)
 
 
 @app.handle(Sleepy, max_attempts=5, timeout=10.0)
 async def sleepy(task: Sleepy, ctx: Context) -> None:
     await asyncio.sleep(task.ms / 1000)
-    _record("done", ctx.task_id, ctx.attempt)
+    _record("done", ctx)
 
 
 @app.handle(Flaky, max_attempts=5, timeout=10.0)
 async def flaky(task: Flaky, ctx: Context) -> None:
     if ctx.attempt == 1:
-        _record("fail", ctx.task_id, ctx.attempt)
+        _record("fail", ctx)
         raise Retry(0.2)
-    _record("done", ctx.task_id, ctx.attempt)
+    _record("done", ctx)
 
 
 @app.handle(Doubler, max_attempts=5, timeout=10.0)
 async def doubler(task: Doubler, ctx: Context) -> int:
-    _record("done", ctx.task_id, ctx.attempt)
+    _record("done", ctx)
     return task.n * 2
 
 
 @app.handle(Doomed, max_attempts=5, timeout=10.0)
 async def doomed(task: Doomed, ctx: Context) -> None:
-    _record("reject", ctx.task_id, ctx.attempt)
+    _record("reject", ctx)
     raise Reject("soak: intended dead letter")
 
 
 @app.handle(Tick, max_attempts=5, timeout=10.0)
 async def tick(task: Tick, ctx: Context) -> None:
-    _record("tick", ctx.task_id, ctx.attempt)
+    _record("tick", ctx)
 
 
-@app.subscribe(Ping, group="alpha", max_attempts=5, timeout=10.0)
+@app.subscribe(Ping, group=GROUPS[0], max_attempts=5, timeout=10.0)
 async def ping_alpha(event: Ping, ctx: Context) -> None:
-    _record("alpha", ctx.task_id, ctx.attempt)
+    _record(GROUPS[0], ctx)
 
 
-@app.subscribe(Ping, group="beta", max_attempts=5, timeout=10.0)
+@app.subscribe(Ping, group=GROUPS[1], max_attempts=5, timeout=10.0)
 async def ping_beta(event: Ping, ctx: Context) -> None:
-    _record("beta", ctx.task_id, ctx.attempt)
+    _record(GROUPS[1], ctx)
