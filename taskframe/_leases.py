@@ -23,12 +23,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from taskframe import _wire as wire
 from taskframe._claims import Claim
+
+if TYPE_CHECKING:
+    from taskframe._pull import Credit
 
 log = logging.getLogger("taskframe.worker")
 
@@ -48,6 +52,12 @@ class Lease:
     """The attempt's task id, task name and attempt number while a `running` status is still
     to be written: written if the attempt still runs at the keeper's next round."""
     renewing: asyncio.Task[None] | None = field(default=None, repr=False)
+    credit: Credit | None = field(default=None, repr=False)
+    """The credit the message holds, returned (once) when the lease is released."""
+    confirming: bool = False
+    """Its attempt has ended; its ack waits for the confirmation of its status record."""
+    settled: bool = False
+    """An ack, nak or term was sent for it."""
 
     def valid(self) -> bool:
         """Whether the message is still ours to settle."""
@@ -90,8 +100,10 @@ class Leases:
     def __len__(self) -> int:
         return len(self._held)
 
-    def take(self, msg: Msg, since: float) -> Lease | None:
+    def take(self, msg: Msg, since: float, credit: Credit | None = None) -> Lease | None:
         """Lease a just-delivered message whose pull request was sent at `since`.
+
+        The lease holds `credit` until it is released; without a lease, the caller returns it.
 
         None if the delivery must not be run: it may already be stale (dropped unsettled;
         the server redelivers it), or it is a redelivery of a message whose attempt still
@@ -112,7 +124,7 @@ class Leases:
         if running is not None:
             self._adopt(running, msg, expires)
             return None
-        lease = self._held[id(msg)] = Lease(msg, expires, key)
+        lease = self._held[id(msg)] = Lease(msg, expires, key, credit=credit)
         return lease
 
     def _adopt(self, lease: Lease, msg: Msg, expires: float) -> None:
@@ -136,7 +148,14 @@ class Leases:
         self._started[lease.key] = lease
 
     def release(self, lease: Lease) -> None:
-        """Stop renewing `lease`: its message was settled (or given up)."""
+        """Stop renewing `lease` and return its credit: its message was settled (or given up).
+
+        Releasing it again does nothing.
+        """
+        if lease.credit is not None:
+            credit, lease.credit = lease.credit, None
+            credit.finished(lease.confirming)
+        lease.confirming = False
         self._held.pop(id(lease.msg), None)
         if lease.started and self._started.get(lease.key) is lease:
             del self._started[lease.key]

@@ -17,7 +17,9 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,11 @@ class Ack:
 
 _STORED, _DUPLICATE = Ack(duplicate=False), Ack(duplicate=True)
 
+Then = Callable[[BaseException | None], Awaitable[None]]
+"""What `Publisher.send_then` calls with the outcome: None once stored, else the error."""
+
+_SWEEP = 0.25  # seconds between looks for confirmations that are overdue
+
 
 class Publisher:
     """JetStream publishes over one reply subscription, with a future for each confirmation.
@@ -99,6 +106,9 @@ class Publisher:
     nats-py's `publish_async` does the same but costs about twice as much per message
     (a random token, a semaphore and a dataclass built by introspection for every ack);
     enqueueing and storing results go through here instead.
+
+    `send_then` goes further for a caller that must not wait at all: no future, a callback
+    run with the outcome as the confirmation arrives, and one sweeper for the overdue.
     """
 
     WINDOW = 8192  # confirmations awaited at once; more waits, so memory stays bounded
@@ -107,18 +117,24 @@ class Publisher:
         self._nc = nc
         self._prefix = ""
         self._futures: dict[str, tuple[asyncio.Future[Ack], str]] = {}
+        self._thens: dict[str, tuple[Then, float, str]] = {}  # then, deadline, subject
         self._sequence = itertools.count()
         self._room = asyncio.Event()
         self._room.set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _subscribe(self) -> None:
+        if not self._prefix:
+            prefix = self._nc.new_inbox() + "."
+            await self._nc.subscribe(prefix + "*", cb=self._on_reply, pending_msgs_limit=-1)
+            self._prefix = prefix
 
     async def send(
         self, subject: str, body: bytes, headers: dict[str, str] | None
     ) -> asyncio.Future[Ack]:
         """Publish; the returned future resolves to the `Ack`, or to the error of `refusal`."""
         if not self._prefix:
-            prefix = self._nc.new_inbox() + "."
-            await self._nc.subscribe(prefix + "*", cb=self._on_reply, pending_msgs_limit=-1)
-            self._prefix = prefix
+            await self._subscribe()
         while len(self._futures) >= self.WINDOW:
             self._room.clear()
             await self._room.wait()
@@ -132,40 +148,106 @@ class Publisher:
             raise
         return future
 
+    async def send_then(self, subject: str, body: bytes, then: Then, timeout: float) -> str:
+        """Publish without waiting; `await then(None)` once the server confirms storing it.
+
+        `then(error)` gets what `send`'s future would raise instead (a refusal, a status),
+        or `TimeoutError` if no confirmation came within `timeout` (within a quarter of a
+        second more). It is called once, from the reply subscription's task as the
+        confirmations arrive: it must be quick (whatever waits goes in a task of its own);
+        what it raises is logged. Returns the token that `forget` takes. Raises what
+        `nc.publish` raises, and then `then` is never called.
+        """
+        if not self._prefix:
+            await self._subscribe()
+        token = str(next(self._sequence))
+        self._thens[token] = (then, time.monotonic() + timeout, subject)
+        try:
+            await self._nc.publish(subject, body, reply=self._prefix + token)
+        except BaseException:
+            if self._thens.pop(token, None) is not None:
+                raise
+            # answered meanwhile, so it was sent: `then` has the outcome
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
+        return token
+
+    def forget(self, token: str) -> bool:
+        """Stop waiting for the confirmation of `send_then`'s `token`; False if it came."""
+        return self._thens.pop(token, None) is not None
+
     def abandon(self) -> None:
         """Forget confirmations nobody waits for any more (futures cancelled on a timeout)."""
         self._futures = {t: fs for t, fs in self._futures.items() if not fs[0].done()}
         self._room.set()
 
+    async def _sweep(self) -> None:
+        """Call `then(TimeoutError())` for every confirmation overdue; end once none waits."""
+        while self._thens:
+            await asyncio.sleep(_SWEEP)
+            now = time.monotonic()
+            for token in [t for t, (_, deadline, _) in self._thens.items() if deadline <= now]:
+                waiting = self._thens.pop(token, None)  # a `then` awaited below may answer more
+                if waiting is not None:
+                    then, _, subject = waiting
+                    await _call(then, TimeoutError(f"no confirmation for {subject}"))
+
     async def _on_reply(self, msg: Msg) -> None:
-        """Resolve the future `msg` answers. Never raises: nats-py would only log it, and
-        the future would wait out its timeout."""
-        waiting = self._futures.pop(msg.subject[len(self._prefix) :], None)
+        """Resolve the future (or call the `then`) that `msg` answers. Never raises: nats-py
+        would only log it, and the future would wait out its timeout."""
+        token = msg.subject[len(self._prefix) :]
+        then = self._thens.pop(token, None)
+        if then is not None:
+            data = msg.data
+            if data and b'"error"' not in data and b'"duplicate"' not in data:
+                outcome: Ack | BaseException = _STORED
+            else:
+                outcome = _outcome(msg, then[2])
+            try:
+                await then[0](outcome if isinstance(outcome, BaseException) else None)
+            except Exception:
+                log.exception("confirmation callback failed")
+            return
+        waiting = self._futures.pop(token, None)
         if len(self._futures) < self.WINDOW:
             self._room.set()
         if waiting is None or waiting[0].done():
             return
         future, subject = waiting
         data = msg.data
-        if not data:  # a status: 503 means no stream listens on the subject
-            status = (msg.headers or {}).get("Status", "")
-            future.set_exception(
-                NoStreamResponseError() if status == "503" else ServiceUnavailableError()
-            )
-        elif b'"error"' not in data and b'"duplicate"' not in data:
+        if data and b'"error"' not in data and b'"duplicate"' not in data:
             future.set_result(_STORED)  # {"stream":...,"seq":...}: all a caller needs
-        else:  # rare: parse it (the server writes `"duplicate": true`)
-            try:
-                reply = json.loads(data)
-                error = reply.get("error")
-                if error is not None:
-                    future.set_exception(refusal(subject, error, reply.get("stream")))
-                else:
-                    future.set_result(_DUPLICATE if reply.get("duplicate") else _STORED)
-            except (ValueError, TypeError, AttributeError) as exc:
-                failure = PublishError(f"unreadable confirmation for {subject}: {data[:200]!r}")
-                failure.__cause__ = exc
-                future.set_exception(failure)
+            return
+        outcome = _outcome(msg, subject)
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def _outcome(msg: Msg, subject: str) -> Ack | BaseException:
+    """What a confirmation that is not a plain `{"stream":...,"seq":...}` says."""
+    data = msg.data
+    if not data:  # a status: 503 means no stream listens on the subject
+        status = (msg.headers or {}).get("Status", "")
+        return NoStreamResponseError() if status == "503" else ServiceUnavailableError()
+    try:  # rare: parse it (the server writes `"duplicate": true`)
+        reply = json.loads(data)
+        error = reply.get("error")
+        if error is not None:
+            return refusal(subject, error, reply.get("stream"))
+        return _DUPLICATE if reply.get("duplicate") else _STORED
+    except (ValueError, TypeError, AttributeError) as exc:
+        failure = PublishError(f"unreadable confirmation for {subject}: {data[:200]!r}")
+        failure.__cause__ = exc
+        return failure
+
+
+async def _call(then: Then, outcome: BaseException | None) -> None:
+    try:
+        await then(outcome)
+    except Exception:
+        log.exception("confirmation callback failed")
 
 
 _publishers: weakref.WeakKeyDictionary[NATS, Publisher] = weakref.WeakKeyDictionary()

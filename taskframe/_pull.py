@@ -45,17 +45,44 @@ _BACKLOG_FRESH = 1.0  # seconds a reported backlog is trusted (other workers dra
 
 
 class Credit:
-    """How many messages a pool of feeds may hold, and how many it holds."""
+    """How many messages a pool of feeds may hold, and how many it holds.
 
-    def __init__(self, capacity: int) -> None:
+    A message is held from its delivery until it is settled (acked, nacked, terminated) or
+    given up. `capacity` (concurrency + prefetch) bounds those waiting for a runner or
+    running: the work one worker takes from a queue that other workers share. A message
+    whose attempt has ended but whose ack waits for the confirmation of its status record
+    is still held (its credit comes back with the ack) but no longer counts against
+    `capacity`, up to `confirming` of them: its work is done, another worker could do
+    nothing with it, and a runner that is free must not wait for the server's answer about
+    someone else's record. So a pool holds at most `capacity + confirming`.
+    """
+
+    def __init__(self, capacity: int, confirming: int = 0) -> None:
         self.capacity = capacity
+        self.limit = capacity + confirming
         self.held = 0
+        self.confirming = 0
+        """Held messages whose ack waits for their record's confirmation."""
         self.min_batch = max(1, capacity // 4)
         self.feeds: list[Feed] = []  # highest priority first
 
-    def finished(self) -> None:
-        """One held message is done (acked, nacked or terminated)."""
+    def free(self) -> int:
+        """How many more messages may be held (or asked for) now."""
+        return min(self.capacity + self.confirming, self.limit) - self.held
+
+    def awaiting(self, count: int = 1) -> None:
+        """A held message's ack now waits for a confirmation: it leaves the capacity (-1:
+        it does not after all)."""
+        self.confirming += count
+        if count > 0:
+            self.wake()
+
+    def finished(self, confirming: bool = False) -> None:
+        """One held message is done (acked, nacked or terminated); `confirming` if its ack
+        waited for a confirmation."""
         self.held -= 1
+        if confirming:
+            self.confirming -= 1
         self.wake()
 
     def wake(self) -> None:
@@ -148,7 +175,7 @@ class Feed:
             self._sub = None
 
     def _free(self) -> int:
-        return self.credit.capacity - self.credit.held - self._pending
+        return self.credit.free() - self._pending
 
     def has_backlog(self) -> bool:
         """Whether this feed's consumer recently reported messages still waiting."""

@@ -10,6 +10,12 @@ Each message ends in exactly one of:
 
 Every outcome checks the lease first (see _leases.py), so a worker that lost a message
 settles nothing of it.
+
+An ack after a status record waits for the server's confirmation that the record is
+stored, but the runner does not: it sends the record and takes its next task, and the ack
+is sent when the confirmation arrives (`_Confirmation`). Until then the message stays
+held, its lease renewed; a refusal, or no confirmation within `publish_timeout`, sends it
+down the awaited path (`_store_and_ack`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
 from taskframe._leases import Lease, Leases
-from taskframe._publish import Ack, publish_stored
+from taskframe._publish import Ack, publish_stored, publisher
 from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import UNTIL_AVAILABLE
@@ -37,6 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskframe.worker")
 _ROOM_TRIES = 6  # tries to store a record after its task was acked to make room: ~0.3 s
+
+CONFIRMING = 1024
+"""Most messages a pool holds whose ack waits for their record's confirmation (beyond its
+concurrency + prefetch: see `_pull.Credit`)."""
 
 
 @dataclass
@@ -50,6 +60,47 @@ class WorkerStats:
     skipped: int = 0
     """Exactly-once tasks acked without running because they had completed before."""
     running: int = 0
+    confirming: int = 0
+    """Tasks done whose ack waits for the server to confirm storing their status record."""
+
+
+class _Confirmation:
+    """A task's record sent, its message held until the server confirms storing it.
+
+    Called by the publisher with the outcome (in its reply subscription's task): once
+    stored, the message is acked if the lease still holds, counted and released; refused
+    or not confirmed within `publish_timeout`, it goes down the awaited path in a task of
+    its own. So a task is still acked only after its own record was confirmed stored.
+    """
+
+    __slots__ = ("lease", "record", "settler", "skipped", "slow", "task_id", "token")
+
+    def __init__(
+        self, settler: Settler, lease: Lease, task_id: str, record: bytes, skipped: bool
+    ) -> None:
+        self.settler = settler
+        self.lease = lease
+        self.task_id = task_id
+        self.record = record
+        self.skipped = skipped
+        self.token = ""
+        self.slow: asyncio.Task[None] | None = None
+
+    async def __call__(self, error: BaseException | None) -> None:
+        settler = self.settler
+        if self not in settler._confirmations:
+            return  # handed back meanwhile
+        if error is not None:
+            log.debug("record of %s: %r; storing it again before the ack", self.task_id, error)
+            self.slow = asyncio.create_task(settler._confirm_slowly(self), name="taskframe-confirm")
+            return
+        try:
+            if await settler.settle(self.lease, "ack"):
+                settler._count(self.skipped)
+        except Exception as exc:  # cut off: the message is redelivered after ack_wait
+            log.warning("ack of %s not sent: %r; it will be redelivered", self.task_id, exc)
+        finally:
+            settler._done(self)
 
 
 class Settler:
@@ -78,6 +129,10 @@ class Settler:
         self._stats = stats
         self._stopping = stopping
         self._settled = settled
+        self._confirmations: set[_Confirmation] = set()
+        self._none_confirming = asyncio.Event()
+        self._none_confirming.set()
+        self._pipelining = True
 
     async def settle(
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
@@ -92,6 +147,7 @@ class Settler:
             await msg.nak(delay=delay)
         else:  # with a reason, which the server puts in its MSG_TERMINATED advisory
             await self._client.nc.publish(msg.reply, f"+TERM {reason}".encode())
+        lease.settled = True
         self._settled.set()
         return True
 
@@ -100,18 +156,104 @@ class Settler:
     ) -> None:
         """Store the task's final status `record` (if any), then ack it.
 
+        The ack waits for the server to confirm storing the record; the caller does not
+        (see `_Confirmation`): the lease is then `confirming`, and released with the ack.
+        Without a record, or when the record cannot even be sent, all is done here.
+
         In a full store only acks make room (a queue's stream deletes what is acked), so a
         worker that waited for room before acking would hold its tasks forever. A record
         that finds no room is stored after the ack, in the room the ack made (the server
         applies an ack a moment after it arrives: a few quick tries), or dropped with a
         warning if none comes: the task ran, but its result is not kept.
         """
-        if not await self._store_and_ack(lease, task_id, record):
-            return
+        if record is not None and self._pipelining:
+            confirmation = _Confirmation(self, lease, task_id, record, skipped)
+            if await self._send(confirmation):
+                return
+        if await self._store_and_ack(lease, task_id, record):
+            self._count(skipped)
+
+    def _count(self, skipped: bool) -> None:
         if skipped:
             self._stats.skipped += 1
         else:
             self._stats.succeeded += 1
+
+    async def _send(self, confirmation: _Confirmation) -> bool:
+        """Send a record whose ack waits for its confirmation; False if it could not be sent."""
+        lease = confirmation.lease
+        lease.confirming = True
+        if lease.credit is not None:
+            lease.credit.awaiting()
+        self._confirmations.add(confirmation)
+        self._stats.confirming += 1
+        self._none_confirming.clear()
+        subject = topology.result_subject(self._ns, confirmation.task_id)
+        try:
+            confirmation.token = await publisher(self._client.nc).send_then(
+                subject, confirmation.record, confirmation, self._settings.publish_timeout
+            )
+        except BaseException as exc:  # not sent (disconnected, buffer full): the awaited path
+            log.debug("record of %s not sent (%r)", confirmation.task_id, exc)
+            self._confirmations.discard(confirmation)
+            self._stats.confirming -= 1
+            lease.confirming = False
+            if lease.credit is not None:
+                lease.credit.awaiting(-1)
+            if not self._confirmations:
+                self._none_confirming.set()
+            if not isinstance(exc, Exception):
+                raise  # cancelled
+            return False
+        return True
+
+    async def _confirm_slowly(self, confirmation: _Confirmation) -> None:
+        """The awaited path for a record refused or not confirmed in time: `publish_stored`
+        (which retries what went unanswered), then the ack; acks first in a full store."""
+        lease = confirmation.lease
+        try:
+            if await self._store_and_ack(lease, confirmation.task_id, confirmation.record):
+                self._count(confirmation.skipped)
+        except Exception:
+            log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
+        finally:
+            self._done(confirmation)
+
+    def _done(self, confirmation: _Confirmation) -> None:
+        """The confirmation's message is settled, or given up: release it."""
+        if confirmation not in self._confirmations:
+            return
+        self._confirmations.discard(confirmation)
+        self._leases.release(confirmation.lease)  # returns its credit
+        self._stats.confirming -= 1
+        if not self._confirmations:
+            self._none_confirming.set()
+
+    async def confirmed(self) -> None:
+        """Wait until no ack waits for a confirmation."""
+        await self._none_confirming.wait()
+
+    async def hand_back(self) -> int:
+        """Stop waiting for confirmations: nak every message whose ack still waits for one.
+
+        Records sent from now on are awaited where they are sent. Returns how many messages
+        were handed back; their tasks run again (another worker stores their record).
+        """
+        self._pipelining = False
+        handed = 0
+        for confirmation in list(self._confirmations):
+            if confirmation.slow is not None:
+                confirmation.slow.cancel()
+                await asyncio.gather(confirmation.slow, return_exceptions=True)
+            elif confirmation.token:
+                publisher(self._client.nc).forget(confirmation.token)
+            lease = confirmation.lease
+            if not lease.settled:
+                with contextlib.suppress(Exception):  # cut off: redelivered after ack_wait
+                    if await self.settle(lease, "nak"):
+                        handed += 1
+            self._done(confirmation)
+        return handed
 
     async def _store_and_ack(self, lease: Lease, task_id: str, record: bytes | None) -> bool:
         if record is None:

@@ -30,7 +30,7 @@ from taskframe.app import App
 from taskframe.client import Client
 from taskframe.errors import ConfigError, ConnectError, PayloadTooLargeError, PublishError
 from taskframe.provision import ensure_consumer, ensure_queue, ensure_stream, provision
-from taskframe.settle import Settler, WorkerStats
+from taskframe.settle import CONFIRMING, Settler, WorkerStats
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -47,8 +47,11 @@ class Worker:
         groups: the subscriber groups to serve; default every group of the app.
         concurrency: tasks run at once, per queue (and per group).
         prefetch: extra tasks held ready per queue, so a free slot never waits for the network
-            (default: as many as `concurrency`, at most 64).
-        grace: seconds running tasks get to finish after `stop()`; the rest are handed back.
+            (default: as many as `concurrency`, at most 64). Tasks that have run and whose
+            ack waits for the server to confirm their status record are held too, up to
+            `settle.CONFIRMING` more, but take no slot: their runner has moved on.
+        grace: seconds running tasks get to finish after `stop()`, and finished ones to have
+            their record confirmed and be acked; the rest are handed back.
     """
 
     def __init__(
@@ -203,7 +206,7 @@ class Worker:
         first = routes[0]
         pool = Pool(
             first.label,
-            Credit(self.concurrency + self.prefetch),
+            Credit(self.concurrency + self.prefetch, CONFIRMING),
             Buffer(max(route.rank for route in routes) + 1),
         )
         if first.queue and (limit := self.app.options(first.queue).rate_limit):
@@ -240,7 +243,7 @@ class Worker:
                 feed.reset()
 
     def _accept(self, pool: Pool, route: Route, msg: Msg, since: float) -> None:
-        lease = self._leases.take(msg, since)
+        lease = self._leases.take(msg, since, pool.credit)
         if lease is None:  # stale (dropped unsettled), or adopted by its running attempt
             pool.credit.finished()
             return
@@ -280,8 +283,8 @@ class Worker:
                     "message on %s not settled; it will be redelivered", lease.msg.subject
                 )
             finally:
-                self._leases.release(lease)
-                pool.credit.finished()
+                if not lease.confirming:  # else released once its record is confirmed
+                    self._leases.release(lease)  # and its credit returned
 
     def _started(self) -> None:
         self.stats.running += 1
@@ -302,15 +305,19 @@ class Worker:
             for lease, _ in pool.buffer.drain():
                 await self._settler.settle(lease, "nak")
                 self._leases.release(lease)
-                pool.credit.finished()
         try:
-            await asyncio.wait_for(self._idle.wait(), self.grace)
+            async with asyncio.timeout(self.grace):
+                await self._idle.wait()  # no attempt starts any more: then no record is sent
+                await self._settler.confirmed()
         except TimeoutError:
             log.warning(
-                "%d task(s) still running after %.0fs: handing them back",
-                self.stats.running,
+                "after %.0fs, %d task(s) still running and %d awaiting their record's "
+                "confirmation: handing them back",
                 self.grace,
+                self.stats.running,
+                self.stats.confirming,
             )
+        await self._settler.hand_back()  # what still awaits a confirmation runs again elsewhere
         for pool in self._pools:
             for feed in pool.feeds:
                 await feed.close()
