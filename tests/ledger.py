@@ -19,7 +19,7 @@ without a key it stays unknown. The soak (bench/soak/) keeps its books with this
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 from taskframe import Client, PayloadTooLargeError, StoreFullError, Task, TaskRun, TaskState
 from taskframe import _wire as wire
 from taskframe._server import server_binary
+from taskframe.testing import eventually
 from tests.journal import Journal
 
 RECORDED: list[Figures] = []
@@ -233,17 +234,16 @@ class Ledger:
 
         Does not fail: what is still unaccounted for then is lost, and `figures` says so.
         """
-        deadline = time.monotonic() + timeout
         executed: set[str] = set()
-        while True:
+
+        async def accounted() -> bool:
             dead = await self._dead_letters(client)
             waiting = [i for i in self.acknowledged if i not in executed and i not in dead]
-            executed |= await self._executed(client, waiting)
-            if all(i in executed or i in dead for i in waiting):
-                return
-            if time.monotonic() > deadline:
-                return
-            await asyncio.sleep(0.1)
+            executed.update(await self._executed(client, waiting))
+            return all(i in executed or i in dead for i in waiting)
+
+        with contextlib.suppress(AssertionError):
+            await eventually(accounted, "every task accounted for", timeout=timeout, interval=0.1)
 
     async def figures(
         self, client: Client, *, recover_s: float | None = None, note: str = ""
