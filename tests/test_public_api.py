@@ -13,6 +13,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -98,6 +99,35 @@ def test_all_is_exactly_the_public_surface() -> None:
 
 def test_the_public_modules_are_these_and_every_other_module_is_private() -> None:
     assert public_modules() == PUBLIC_MODULES
+
+
+def test_the_readme_uses_only_the_public_surface() -> None:
+    """Every Python example in the README imports from `taskframe` (its __all__) and
+    `taskframe.testing` (its __all__) only, and uses no other `taskframe.<name>`."""
+    from taskframe import testing
+
+    allowed = {"taskframe": set(PUBLIC), "taskframe.testing": set(testing.__all__)}
+    readme = (PACKAGE.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 5
+    used = []
+    for number, block in enumerate(blocks, 1):
+        flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        tree = compile(block, f"README block {number}", "exec", flags=flags)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taskframe"):
+                used += [(node.module or "", a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                used += [(a.name, "") for a in node.names if a.name.startswith("taskframe")]
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "taskframe"
+            ):
+                used.append(("taskframe", node.attr))
+    outside = [(m, n) for m, n in used if m not in allowed or (n and n not in allowed[m])]
+    assert used
+    assert not outside, f"the README uses names outside the public surface: {outside}"
 
 
 def _undocumented_members(cls: type) -> list[str]:
