@@ -43,6 +43,11 @@ log = logging.getLogger("taskframe._pull")
 EXPIRES = 30.0  # at most; a request lives at most half a lease
 _BACKLOG_FRESH = 1.0  # seconds a reported backlog is trusted (other workers drain it too)
 
+HORIZON = 0.1
+"""Seconds of work an adaptive prefetch holds beyond the pool's runners: the most a task
+waits here that another worker's free runner could have started."""
+_RATE_EVERY = 0.1  # seconds between estimates of a pool's settle rate
+
 
 class Credit:
     """How many messages a pool of feeds may hold, and how many it holds.
@@ -57,18 +62,47 @@ class Credit:
     someone else's record. So a pool holds at most `capacity + confirming`.
     """
 
-    def __init__(self, capacity: int, confirming: int = 0) -> None:
-        self.capacity = capacity
-        self.limit = capacity + confirming
+    def __init__(
+        self, capacity: int, confirming: int = 0, *, slots: int = 0, most: int | None = None
+    ) -> None:
+        self._least = capacity
+        self._most = capacity if most is None else max(capacity, most)
+        self._slots = slots
+        self._confirming_most = confirming
         self.held = 0
         self.confirming = 0
         """Held messages whose ack waits for their record's confirmation."""
-        self.min_batch = max(1, capacity // 4)
         self.feeds: list[Feed] = []  # highest priority first
+        self._settled = 0
+        self._since = time.monotonic()
+        self._resize(capacity)
+
+    def _resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.limit = capacity + self._confirming_most
+        self.min_batch = max(1, capacity // 4)
 
     def free(self) -> int:
         """How many more messages may be held (or asked for) now."""
         return min(self.capacity + self.confirming, self.limit) - self.held
+
+    def adapt(self) -> None:
+        """Size an adaptive capacity (`most` given) to the rate messages are settled.
+
+        The prefetch (capacity beyond the `slots` runners) is what the pool settles in
+        `HORIZON` seconds, between what it was given and `most`: short tasks get a deep
+        pipeline, long ones no more than before. A pool that settled nothing for a while
+        shrinks back before it asks again.
+        """
+        if self._most == self._least:
+            return
+        now = time.monotonic()
+        elapsed = now - self._since
+        if elapsed < _RATE_EVERY:
+            return
+        prefetch = int(self._settled / elapsed * HORIZON)
+        self._settled, self._since = 0, now
+        self._resize(max(self._least, min(self._most, self._slots + prefetch)))
 
     def awaiting(self, count: int = 1) -> None:
         """A held message's ack now waits for a confirmation: it leaves the capacity (-1:
@@ -81,6 +115,7 @@ class Credit:
         """One held message is done (acked, nacked or terminated); `confirming` if its ack
         waited for a confirmation."""
         self.held -= 1
+        self._settled += 1
         if confirming:
             self.confirming -= 1
         self.wake()
@@ -185,6 +220,7 @@ class Feed:
         """How many messages to ask for now (0: none)."""
         if self.credit.higher_has_backlog(self):
             return 0
+        self.credit.adapt()
         free = self._free()
         if free >= self.credit.min_batch or (free > 0 and not self._pending):
             return free

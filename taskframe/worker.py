@@ -36,6 +36,10 @@ __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger("taskframe.worker")
 
+MOST_PREFETCH = 960
+"""The most an adaptive prefetch grows to: with the default concurrency, a pool then holds
+at most 1024 tasks waiting or running (and `CONFIRMING` more awaiting their acks)."""
+
 
 class Worker:
     """Runs an App's handlers for some of its queues (and its event groups) until stopped.
@@ -46,10 +50,13 @@ class Worker:
         queues: the queues to serve; default every queue the app has handlers for.
         groups: the subscriber groups to serve; default every group of the app.
         concurrency: tasks run at once, per queue (and per group).
-        prefetch: extra tasks held ready per queue, so a free slot never waits for the network
-            (default: as many as `concurrency`, at most 64). Tasks that have run and whose
-            ack waits for the server to confirm their status record are held too, up to
-            `settle.CONFIRMING` more, but take no slot: their runner has moved on.
+        prefetch: extra tasks held ready per queue, so a free slot never waits for the network.
+            By default it adapts: as many as the worker settles in 0.1 s (`_pull.HORIZON`),
+            at least `concurrency` up to 64 and at most `MOST_PREFETCH`, so short tasks get
+            a deep pipeline and long ones are left to other workers. A number fixes it.
+            Tasks that have run and whose ack waits for the server to confirm their status
+            record are held too, up to `settle.CONFIRMING` more, but take no slot: their
+            runner has moved on.
         grace: seconds running tasks get to finish after `stop()`, and finished ones to have
             their record confirmed and be acked; the rest are handed back.
     """
@@ -82,6 +89,8 @@ class Worker:
             raise ConfigError("concurrency must be at least 1")
         self.concurrency = concurrency
         self.prefetch = min(concurrency, 64) if prefetch is None else prefetch
+        """The prefetch; the least it adapts to when none was given."""
+        self._adaptive = prefetch is None
         self.grace = grace
         self.stats = WorkerStats()
         self._settings = client.settings
@@ -206,7 +215,12 @@ class Worker:
         first = routes[0]
         pool = Pool(
             first.label,
-            Credit(self.concurrency + self.prefetch, CONFIRMING),
+            Credit(
+                self.concurrency + self.prefetch,
+                CONFIRMING,
+                slots=self.concurrency,
+                most=self.concurrency + MOST_PREFETCH if self._adaptive else None,
+            ),
             Buffer(max(route.rank for route in routes) + 1),
         )
         if first.queue and (limit := self.app.options(first.queue).rate_limit):
