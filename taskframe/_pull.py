@@ -391,6 +391,7 @@ class Buffer:
     def __init__(self, lanes: int) -> None:
         self._lanes: list[deque[tuple[Lease, Route]]] = [deque() for _ in range(lanes)]
         self._waiting: deque[asyncio.Future[tuple[Lease, Route]]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def put(self, lease: Lease, route: Route) -> None:
         while self._waiting:
@@ -404,7 +405,9 @@ class Buffer:
         for lane in self._lanes:
             if lane:
                 return lane.popleft()
-        runner: asyncio.Future[tuple[Lease, Route]] = asyncio.get_running_loop().create_future()
+        if self._loop is None:  # one loop for the pool's life: looked up once
+            self._loop = asyncio.get_running_loop()
+        runner: asyncio.Future[tuple[Lease, Route]] = self._loop.create_future()
         self._waiting.append(runner)
         return await runner
 

@@ -25,6 +25,7 @@ class Watchdog:
     def __init__(self) -> None:
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def call(self, timeout: float | None, work: Callable[[], Awaitable[T]]) -> T:
         """Await `work()` in the current task; `AttemptTimeoutError` once `timeout` seconds pass.
@@ -32,7 +33,11 @@ class Watchdog:
         A handler that swallows the cancellation still times out: its return value is
         dropped, since the attempt already counts as failed.
         """
-        runner = asyncio.current_task()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        # With its loop, current_task skips get_running_loop (and the getpid() it calls
+        # every time): a watchdog serves one loop, and this runs for every task.
+        runner = asyncio.current_task(self._loop)
         assert runner is not None
         self._deadlines[runner] = math.inf if timeout is None else time.monotonic() + timeout
         try:
