@@ -4,7 +4,8 @@ Installed with taskframe, the plugin gives every test session these fixtures:
 
     nats_server   a nats-server with JetStream on a free loopback port, temporary store
     namespace     a fresh namespace per test, so tests never share streams
-    client        an open `Client` for that namespace
+    client        an open `Client` for that namespace; the streams of the namespace are
+                  deleted after the test, so a long session's server stays small
 
 `running_worker` runs a real worker in the test's event loop, and `eventually` waits for
 what has no event to wait on (a count, a status, a line in a log):
@@ -19,6 +20,7 @@ what has no event to wait on (a count, a status, a line in a log):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 import uuid
@@ -26,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, overload
 
+import nats.errors
 import pytest
 
 from taskframe._server import NatsServer
@@ -112,6 +115,21 @@ def namespace() -> str:
 
 @pytest.fixture
 async def client(nats_server: NatsServer, namespace: str) -> AsyncIterator[Client]:
-    """An open client on the session's server, in the test's own namespace."""
+    """An open client on the session's server, in the test's own namespace.
+
+    Afterwards every stream whose name holds the namespace is deleted: its queues, dead
+    letters, results and claims, and any stream the test named after it.
+    """
     async with connect(nats_server.url, namespace=namespace) as tf:
         yield tf
+        with contextlib.suppress(nats.errors.Error):  # cut off or closed by the test: let it be
+            await _delete_streams(tf, namespace)
+
+
+async def _delete_streams(client: Client, namespace: str) -> None:
+    names: list[str] = []
+    while page := await client.js.streams_info(offset=len(names)):
+        names += [info.config.name or "" for info in page]
+    for name in names:
+        if namespace in name:
+            await client.js.delete_stream(name)

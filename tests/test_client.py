@@ -201,7 +201,7 @@ async def test_a_late_progress_record_never_replaces_a_final_one(client: Client)
 # Queue counts ---------------------------------------------------------------------------
 
 
-async def test_queues_counts_every_lane_of_a_queue(client: Client) -> None:
+async def test_queues_counts_every_lane_of_a_queue(client: Client, nats_server: NatsServer) -> None:
     ns = client.namespace
     release = asyncio.Event()
     app = App(ns)
@@ -233,9 +233,26 @@ async def test_queues_counts_every_lane_of_a_queue(client: Client) -> None:
         assert [await r.result(timeout=10) for r in runs][-1] == "urgent"
     [after] = await client.queues()
     assert (after.waiting, after.in_flight, after.dead) == (0, 0, 1)
-    everywhere = await client.queues(every_namespace=True)
-    assert after in everywhere
-    assert len({q.namespace for q in everywhere}) > 1  # other tests' namespaces too
+    async with connect(nats_server.url, namespace=f"{ns}x") as elsewhere:
+        await elsewhere.enqueue(Add(a=1, b=1))
+        assert [(q.namespace, q.queue) for q in await elsewhere.queues()] == [(f"{ns}x", "math")]
+        everywhere = await elsewhere.queues(every_namespace=True)
+    assert {after, *await client.queues()} <= set(everywhere)
+    assert (f"{ns}x", "math", 1) in {(q.namespace, q.queue, q.waiting) for q in everywhere}
+
+
+@pytest.mark.xfail(
+    strict=True,  # passes once fixed: then drop the mark
+    reason="taskframe._queues.queue_streams reads one page of the stream list (256 streams)",
+)
+async def test_queues_are_found_among_more_streams_than_one_page_lists(
+    own_server: NatsServer,
+) -> None:
+    async with connect(own_server.url, namespace="paged") as client:
+        for n in range(257):  # named to sort before every TF_ stream
+            await client.js.add_stream(name=f"A{n:03}", subjects=[f"a.{n}"], storage="memory")
+        await client.enqueue(Add(a=1, b=1))
+        assert [(q.namespace, q.queue) for q in await client.queues()] == [("paged", "math")]
 
 
 # Dead letters ---------------------------------------------------------------------------

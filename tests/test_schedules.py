@@ -21,8 +21,6 @@ from taskframe.schedules import stored_schedules
 from taskframe.testing import NatsServer, eventually
 from tests.conftest import Workers
 
-every = Schedule.every
-
 
 class Ping(Task[None], queue="cron", results=False):
     note: str = ""
@@ -144,9 +142,9 @@ def test_parse_normalises(text: str, expression: str) -> None:
 
 def test_schedules_compare_by_normalised_expression() -> None:
     assert Schedule("*/2  * * * * *") == Schedule.parse("*/2 * * * * *")
-    assert Schedule.parse("@every 1m") == every(60)
+    assert Schedule.parse("@every 1m") == Schedule.every(60)
     assert Schedule.parse("@daily", "UTC") != Schedule.parse("@daily")
-    assert repr(every(5)) == "Schedule(expression='@every 5s', time_zone=None)"
+    assert repr(Schedule.every(5)) == "Schedule(expression='@every 5s', time_zone=None)"
 
 
 @pytest.mark.parametrize(
@@ -212,13 +210,12 @@ def test_time_zones() -> None:
 
 
 def test_every_builds_whole_second_intervals() -> None:
-    assert every(300).expression == "@every 300s"
-    assert every(1.0).expression == "@every 1s"
-    assert Schedule.every(86_400.0).interval == 86_400.0
-    assert Schedule.parse("0 0 * * * *").interval is None
+    assert Schedule.every(300).expression == "@every 300s"
+    assert Schedule.every(1.0).expression == "@every 1s"
+    assert Schedule.every(86_400.0).expression == "@every 86400s"
     for bad in (0.5, 0.0, -5.0, 1.5, 90.25, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="whole number of seconds"):
-            every(bad)
+            Schedule.every(bad)
 
 
 @pytest.mark.parametrize(
@@ -292,14 +289,14 @@ def test_every_fires_on_the_grid_of_the_rounded_anchor() -> None:
     assert schedule.next_after(late, late) == utc(2026, 5, 1, 12, 1, 31)
     assert schedule.next_after(utc(2026, 5, 1, 12, 0, 0, 700_000)) == utc(2026, 5, 1, 12, 1, 31)
     amsterdam = datetime(2026, 5, 1, 14, 0, tzinfo=ZoneInfo("Europe/Amsterdam"))
-    assert every(60).next_after(amsterdam) == utc(2026, 5, 1, 12, 1)
+    assert Schedule.every(60).next_after(amsterdam) == utc(2026, 5, 1, 12, 1)
 
 
 def test_next_after_needs_aware_datetimes() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         Schedule.parse("@hourly").next_after(datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="anchor must be"):
-        every(5).next_after(utc(2026, 1, 1), datetime(2026, 1, 1))
+        Schedule.every(5).next_after(utc(2026, 1, 1), datetime(2026, 1, 1))
 
 
 def test_time_zone_without_dst() -> None:
