@@ -42,8 +42,12 @@ async def queue_streams(
     js: JetStreamContext, namespace: str | None = None
 ) -> list[tuple[str, str, js_api.StreamInfo]]:
     """(namespace, queue, stream info) of every taskframe queue (of `namespace`, if given)."""
-    found = []
-    for info in await answered("the streams", js.streams_info):
+    found, page = [], await answered("the streams", js.streams_info)
+    listed = []
+    while page:  # the server lists 256 streams a page
+        listed += page
+        page = await answered("the streams", js.streams_info, len(listed))
+    for info in listed:
         meta = info.config.metadata or {}
         ns, queue = meta.get(topology.META_NAMESPACE), meta.get(topology.META_QUEUE)
         if meta.get(topology.META_KIND) != "queue" or ns is None or queue is None:

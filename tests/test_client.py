@@ -241,10 +241,6 @@ async def test_queues_counts_every_lane_of_a_queue(client: Client, nats_server: 
     assert (f"{ns}x", "math", 1) in {(q.namespace, q.queue, q.waiting) for q in everywhere}
 
 
-@pytest.mark.xfail(
-    strict=True,  # passes once fixed: then drop the mark
-    reason="taskframe._queues.queue_streams reads one page of the stream list (256 streams)",
-)
 async def test_queues_are_found_among_more_streams_than_one_page_lists(
     own_server: NatsServer,
 ) -> None:
