@@ -2,7 +2,7 @@
 
 Topology is taskframe's own: ``reset`` deletes every stream of the benchmark namespace
 (queue stream, dead letters, results bucket) and re-provisions it exactly as
-``taskframe provision`` does (``Worker(app, client).provision()``): stream
+``taskframe provision`` does (``taskframe.provision(app, client)``): stream
 ``TF_bench_bench`` (WorkQueue, file storage) with the durable pull consumer ``workers``.
 
 Producer variants (enqueue):
@@ -104,7 +104,7 @@ class TaskframeSystem(BenchSystem):
                 with contextlib.suppress(NotFoundError):
                     await js.delete_stream(info.config.name)
         # What `taskframe provision` does: streams, results bucket, the queue's consumer.
-        await TfWorker(build_app(self.namespace, results=False), self.client).provision()
+        await taskframe.provision(build_app(self.namespace, results=False), self.client)
 
     async def queued(self) -> int | None:
         info = await self.client.js.stream_info(topology.queue_stream(self.namespace, QUEUE))
