@@ -4,8 +4,9 @@ from taskframe._deadletters import DeadLetter
 from taskframe._queues import QueueInfo
 from taskframe._results import ErrorInfo, TaskState, TaskStatus
 from taskframe._retry import Backoff
+from taskframe._taskrun import TaskRun
 from taskframe.app import App
-from taskframe.client import Client, TaskRun, connect
+from taskframe.client import Client, connect
 from taskframe.context import Context
 from taskframe.errors import (
     AttemptTimeoutError,

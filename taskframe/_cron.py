@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from taskframe.errors import ConfigError
 
-__all__ = ["Schedule", "every"]
+__all__ = ["Schedule"]
 
 _NAMED = {
     "@yearly": "0 0 0 1 1 *",
@@ -175,11 +175,6 @@ class Schedule:
             )
         return cls(f"@every {int(seconds)}s")
 
-    @property
-    def interval(self) -> float | None:
-        """Seconds between fires of an `@every` schedule; None for cron and named patterns."""
-        return float(self._rule) if isinstance(self._rule, int) else None
-
     def next_after(self, t: datetime, anchor: datetime | None = None) -> datetime:
         """The first fire time strictly after `t` (timezone-aware), as a UTC datetime.
 
@@ -202,11 +197,6 @@ class Schedule:
 
     def _tz(self) -> tzinfo:
         return _zone(self.time_zone) if self.time_zone is not None else UTC
-
-
-def every(seconds: float) -> Schedule:
-    """An `@every` schedule of `seconds`, a whole number of seconds, at least 1."""
-    return Schedule.every(seconds)
 
 
 def _zone(name: str) -> ZoneInfo:

@@ -133,14 +133,18 @@ def parse_record(data: bytes) -> TaskStatus:
 
 
 async def read_status(js: JetStreamContext, namespace: str, task_id: str) -> TaskStatus | None:
-    """The final record of `task_id`, else its latest non-final one, else None."""
+    """The final record of `task_id`, else its latest non-final one, else None.
+
+    Direct gets (the bucket allows them, and a locked-down producer may use only those);
+    the results stream must exist, or the server has no responder for them.
+    """
     stream = topology.results_stream(namespace)
     for subject in (
         topology.result_subject(namespace, task_id),
         topology.progress_subject(namespace, task_id),
     ):
         try:
-            msg = await answered(f"status of {task_id}", js.get_last_msg, stream, subject)
+            msg = await answered(f"status of {task_id}", js.get_last_msg, stream, subject, True)
         except NotFoundError:
             continue
         except APIError as exc:

@@ -13,13 +13,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
+from nats.js.errors import NotFoundError
 from pydantic import TypeAdapter
 
 from taskframe import _deadletters, provision
@@ -35,15 +35,15 @@ from taskframe._publish import (
     unconfirmed,
 )
 from taskframe._queues import QueueInfo, queue_infos
-from taskframe._results import TaskState, TaskStatus, parse_record, read_status
+from taskframe._results import TaskStatus, parse_record, read_status
+from taskframe._retry import answered
+from taskframe._taskrun import TaskRun
 from taskframe.errors import (
-    ConfigError,
     ConnectError,
     PublishError,
     ResultTimeoutError,
     StoreFullError,
     StreamMissingError,
-    TaskFailed,
 )
 from taskframe.models import Event, Task, check_token, result_adapter
 from taskframe.settings import Settings
@@ -52,59 +52,6 @@ R = TypeVar("R")
 log = logging.getLogger("taskframe.client")
 
 _POLL = 2.0  # seconds between re-reads while waiting, in case a status update was missed
-
-
-class TaskRun(Generic[R]):
-    """A handle on one enqueued task: its id, its status, and its result when it has one."""
-
-    __slots__ = ("_adapter", "_client", "duplicate", "id", "keeps_result", "task")
-
-    def __init__(
-        self,
-        client: Client,
-        task_id: str,
-        task: str,
-        adapter: TypeAdapter[R],
-        *,
-        keeps_result: bool = True,
-        duplicate: bool = False,
-    ) -> None:
-        self._client = client
-        self._adapter = adapter
-        self.id = task_id
-        self.task = task
-        self.keeps_result = keeps_result
-        self.duplicate = duplicate
-        """True when the enqueue carried a key already enqueued within the duplicate window."""
-
-    def __repr__(self) -> str:
-        dup = " duplicate" if self.duplicate else ""
-        return f"<TaskRun {self.task} id={self.id}{dup}>"
-
-    async def status(self) -> TaskStatus:
-        """The task's latest status; `queued` until a worker picks it up."""
-        status = await self._client.status(self.id)
-        return status or TaskStatus(id=self.id, task=self.task, state=TaskState.QUEUED)
-
-    async def result(self, timeout: float | None = None) -> R:
-        """Wait for the task to finish and return its typed result.
-
-        Raises `TaskFailed` if the task ended dead, `ResultTimeoutError` if it did not
-        finish within `timeout` seconds (it may still finish later).
-        """
-        if not self.keeps_result:
-            raise ConfigError(f"{self.task} is declared with results=False: no result is stored")
-        status = await self._client.wait(self.id, timeout)
-        if status.state is TaskState.DEAD:
-            error = status.error
-            raise TaskFailed(
-                self.id,
-                error.type if error else "Unknown",
-                error.message if error else "",
-                status.attempt,
-                status.state.value,
-            )
-        return self._adapter.validate_python(status.result)
 
 
 class Client:
@@ -118,9 +65,9 @@ class Client:
         self.settings = settings
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._kv: KeyValue | None = None
         self._adapters: dict[type[Any], TypeAdapter[Any]] = {}
         self._known_queues: set[str] = set()
+        self._results_exist = False
         self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
 
     def __repr__(self) -> str:
@@ -168,7 +115,7 @@ class Client:
                 await self._nc.drain()
             except nats.errors.Error:
                 await self._nc.close()
-        self._nc = self._js = self._kv = None
+        self._nc = self._js = None
 
     async def __aenter__(self) -> Self:
         return await self.open()
@@ -341,6 +288,13 @@ class Client:
         its task keeps no results, or the id was never enqueued. Raises `ConnectError` if
         JetStream does not answer (a cluster without a quorum).
         """
+        if not self._results_exist:  # checked once: direct gets need the stream
+            stream = topology.results_stream(self.namespace)
+            try:
+                await answered(f"stream {stream}", self.js.stream_info, stream)
+            except NotFoundError:
+                return None
+            self._results_exist = True
         return await read_status(self.js, self.namespace, task_id)
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from taskframe.client import Client, TaskRun
+    from taskframe._taskrun import TaskRun
+    from taskframe.client import Client
     from taskframe.models import Event, Task
 
 R = TypeVar("R")
