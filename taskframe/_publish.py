@@ -267,15 +267,19 @@ async def publish_stored(
     subject: str,
     body: bytes,
     headers: dict[str, str] | None = None,
+    *,
+    tried: int = 0,
 ) -> Ack:
     """Publish and wait for the server's confirmation, resending on timeouts.
 
     Raises `StreamMissingError` if no stream takes `subject`, `StoreFullError` at once if
     the server has no room for it, `PublishError` at once if the server refused it for
-    another reason, and after `publish_attempts` if it never confirmed it.
+    another reason, and after `publish_attempts` if it never confirmed it: `tried` of them
+    were already spent elsewhere (a pipelined send that went unconfirmed), but one is
+    always made here.
     """
     last: BaseException | None = None
-    for attempt in range(settings.publish_attempts):
+    for attempt in range(min(tried, settings.publish_attempts - 1), settings.publish_attempts):
         try:
             future = await publisher(nc).send(subject, body, headers)
             try:

@@ -31,7 +31,7 @@ from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
 from taskframe._leases import Lease, Leases
-from taskframe._publish import Ack, publish_stored, publisher
+from taskframe._publish import TRANSIENT, Ack, publish_stored, publisher
 from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import UNTIL_AVAILABLE
@@ -91,8 +91,13 @@ class _Confirmation:
         if self not in settler._confirmations:
             return  # handed back meanwhile
         if error is not None:
-            log.debug("record of %s: %r; storing it again before the ack", self.task_id, error)
-            self.slow = asyncio.create_task(settler._confirm_slowly(self), name="taskframe-confirm")
+            tried = 0
+            if isinstance(error, TRANSIENT):  # as publish_stored counts an unanswered attempt
+                tried = 1
+                log.warning("no confirmation for the record of %s (attempt 1)", self.task_id)
+            self.slow = asyncio.create_task(
+                settler._confirm_slowly(self, tried), name="taskframe-confirm"
+            )
             return
         try:
             if await settler.settle(self.lease, "ack"):
@@ -207,12 +212,14 @@ class Settler:
             return False
         return True
 
-    async def _confirm_slowly(self, confirmation: _Confirmation) -> None:
+    async def _confirm_slowly(self, confirmation: _Confirmation, tried: int) -> None:
         """The awaited path for a record refused or not confirmed in time: `publish_stored`
-        (which retries what went unanswered), then the ack; acks first in a full store."""
+        (which retries what went unanswered, `tried` times already), then the ack; acks
+        first in a full store."""
         lease = confirmation.lease
         try:
-            if await self._store_and_ack(lease, confirmation.task_id, confirmation.record):
+            record = confirmation.record
+            if await self._store_and_ack(lease, confirmation.task_id, record, tried):
                 self._count(confirmation.skipped)
         except Exception:
             log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
@@ -255,12 +262,14 @@ class Settler:
             self._done(confirmation)
         return handed
 
-    async def _store_and_ack(self, lease: Lease, task_id: str, record: bytes | None) -> bool:
+    async def _store_and_ack(
+        self, lease: Lease, task_id: str, record: bytes | None, tried: int = 0
+    ) -> bool:
         if record is None:
             return await self.settle(lease, "ack")
         subject = topology.result_subject(self._ns, task_id)
         try:
-            await publish_stored(self._client.nc, self._settings, subject, record)
+            await publish_stored(self._client.nc, self._settings, subject, record, tried=tried)
         except StoreFullError:
             if not await self.settle(lease, "ack"):
                 return False

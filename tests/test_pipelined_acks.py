@@ -193,3 +193,32 @@ async def test_messages_awaiting_confirmation_are_bounded_per_pool(
         finally:
             worker.stop()
             await running
+
+
+async def test_a_confirmation_that_does_not_come_in_time_is_awaited_again_before_the_ack(
+    client: Client, nats_server: NatsServer
+) -> None:
+    app = build(client.namespace)
+    stream = topology.queue_stream(client.namespace, "math")
+    async with connect(
+        nats_server.url, namespace=client.namespace, ack_wait=5.0, publish_timeout=0.5
+    ) as own:
+        confirmations = HeldConfirmations(own)
+        worker = Worker(app, own, concurrency=4)
+        running = asyncio.create_task(worker.run())
+        try:
+            await worker.ready.wait()
+            async with AckTap(client, stream) as acks:
+                runs = [await client.enqueue(Add(a=i, b=5)) for i in range(8)]
+                # past the pipelined wait (0.5 s, swept every 0.25 s): publish_stored's
+                # second attempt is sent, and waits as well
+                await eventually(lambda: len(confirmations.held) >= 16, "records sent twice")
+                assert acks.seen(kinds=ACKS) == []
+                assert worker.stats.confirming == 8
+                await confirmations.release()
+                assert [await run.result(timeout=5) for run in runs] == [i + 5 for i in range(8)]
+                await eventually(lambda: worker.stats.succeeded == 8, "8 acks")
+                assert [s.delivered for s in acks.seen()] == [1] * 8
+        finally:
+            worker.stop()
+            await running
