@@ -15,7 +15,8 @@ starts:
   (`taskframe._topology.results_config`), published pipelined with a reply inbox, and the
   task acked only once the PubAck of its own record arrived. At most ``--kv-window``
   messages (default 1024) are requested or awaiting their PubAck at once; a taskframe
-  worker holds at most concurrency + prefetch = 128 with default options;
+  worker with default options holds at most 64 running + an adaptive prefetch of 64-960
+  waiting, and up to 1024 more whose ack awaits their record's confirmation;
 * ``taskframe worker (CLI), result kept`` — ``python -m taskframe worker
   bench.default_path_app:app`` as a subprocess with default options;
 * ``taskframe worker (CLI), results=False`` — the same task served with ``results=False``.
