@@ -321,6 +321,21 @@ class Feed:
             self._pending = max(0, self._pending - count)
         self._wake.set()
 
+    def _lease_start(self) -> float:
+        """When the lease of a delivery arriving now starts: when its request was sent.
+
+        The server cannot have delivered before it got the request, so the oldest open
+        request's send time is a safe start. A request sent more than `_expires` and a
+        margin ago has expired on the server even if its end (a 408) never reached us (a
+        frozen server, a leader change): it is forgotten here, or every later delivery
+        would look too old and be dropped, again and again. A delivery no open request
+        accounts for answered one sent after that horizon.
+        """
+        horizon = self._heard - 1.5 * self._expires
+        while self._outstanding and self._outstanding[0].sent < horizon:
+            self._pending = max(0, self._pending - self._outstanding.popleft().owed)
+        return self._outstanding[0].sent if self._outstanding else horizon
+
     async def _on_msg(self, msg: Msg) -> None:
         if self._rotate:
             return  # stale: sent to a worker that was not listening; the server redelivers
@@ -328,13 +343,9 @@ class Feed:
         headers = msg.headers
         status = headers.get("Status") if headers and not msg.reply else None
         if status is None:
-            # The lease starts when the oldest open request was sent: the server cannot
-            # have delivered before it got that request. Unattributed: assume the oldest
-            # a request could be (they expire within `_expires`).
-            since = self._heard - self._expires  # _heard: now
+            since = self._lease_start()
             if self._outstanding:
                 oldest = self._outstanding[0]
-                since = oldest.sent
                 oldest.owed -= 1
                 if oldest.owed <= 0:
                     self._outstanding.popleft()

@@ -9,7 +9,7 @@ import asyncio
 import time
 
 from taskframe import Client
-from taskframe._pull import Credit
+from taskframe._pull import Credit, Feed, _Request
 from taskframe.testing import eventually
 from tests.apps import Add, Slow, build
 from tests.conftest import Workers
@@ -78,3 +78,21 @@ async def test_short_tasks_grow_the_prefetch(client: Client, workers: Workers) -
             lambda: worker._pools[0].credit.capacity > floor, "a deeper prefetch", interval=0.01
         )
         await asyncio.gather(*(run.result(timeout=30) for run in runs[-10:]))
+
+
+async def test_a_request_whose_end_never_came_does_not_age_later_deliveries(
+    client: Client,
+) -> None:
+    # A frozen server or a leader change can swallow a request's 408: the feed must not go
+    # on starting every later delivery's lease when that request was sent (long ago), or it
+    # would drop them all as stale, one redelivery after another.
+    ack_wait = 2.0
+    feed = Feed(client.nc, "S", "c", Credit(4, 4), lambda m, s: None, asyncio.sleep, ack_wait)
+    now = time.monotonic()
+    feed._heard = now
+    feed._outstanding.extend([_Request(5, now - 30.0), _Request(3, now - 0.2)])
+    feed._pending = 8
+    assert feed._lease_start() == now - 0.2  # the live request; the lost one is forgotten
+    assert feed._pending == 3
+    feed._outstanding.clear()
+    assert feed._lease_start() == now - 1.5 * (ack_wait / 2)  # the oldest a live one could be
