@@ -86,8 +86,11 @@ async def test_a_request_whose_end_never_came_does_not_age_later_deliveries(
     # A frozen server or a leader change can swallow a request's 408: the feed must not go
     # on starting every later delivery's lease when that request was sent (long ago), or it
     # would drop them all as stale, one redelivery after another.
+    async def recover() -> None:
+        return None
+
     ack_wait = 2.0
-    feed = Feed(client.nc, "S", "c", Credit(4, 4), lambda m, s: None, asyncio.sleep, ack_wait)
+    feed = Feed(client.nc, "S", "c", Credit(4, 4), lambda m, s: None, recover, ack_wait)
     now = time.monotonic()
     feed._heard = now
     feed._outstanding.extend([_Request(5, now - 30.0), _Request(3, now - 0.2)])
