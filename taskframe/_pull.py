@@ -178,6 +178,7 @@ class Feed:
         self._sub: Subscription | None = None
         self._lost = False
         self._rotate = False
+        self._check = False
         self.stopping = False
 
     def __repr__(self) -> str:
@@ -233,14 +234,16 @@ class Feed:
         if self._free() >= self.credit.min_batch:
             self._wake.set()
 
-    def reset(self, *, new_inbox: bool = False) -> None:
+    def reset(self, *, new_inbox: bool = False, check: bool = True) -> None:
         """Forget every open request (after a reconnect): the next round asks afresh.
 
         With `new_inbox`, deliveries still on their way to the old inbox are dropped too,
-        from now until the new inbox is in place.
+        from now until the new inbox is in place. With `check`, the consumer is checked
+        (and recreated if gone) first.
         """
         self._lost = True
         self._rotate = self._rotate or new_inbox
+        self._check = self._check or check
         self._wake.set()
 
     async def run(self) -> None:
@@ -269,7 +272,9 @@ class Feed:
             self._next,
             time.monotonic() - self._heard,
         )
-        self.reset(new_inbox=True)
+        # No consumer check: in a cluster this is what a frozen or re-elected consumer
+        # leader looks like, and API calls about it would block the feed until it is back.
+        self.reset(new_inbox=True, check=False)
         try:
             await self._nc.flush(timeout=math.ceil(self._expires))
         except Exception as exc:
@@ -290,7 +295,9 @@ class Feed:
                 self._inbox, cb=self._on_msg, pending_msgs_limit=-1
             )
         try:
-            await self._recover()
+            if self._check:
+                await self._recover()
+                self._check = False
             await self._probe_backlog()
         except Exception as exc:  # the broker may still be away; try again next round
             log.warning("cannot recover consumer for %s: %r", self._next, exc)
