@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from taskframe import _inbound as inbound
+from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._claims import Claim, Claims, Outcome
 from taskframe._leases import Lease, Leases
+from taskframe._publish import publish_stored
 from taskframe._pull import Pool, Route
-from taskframe._results import ErrorInfo, TaskState, status_record
+from taskframe._results import ErrorInfo, TaskState, read_status, status_record
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
-from taskframe.errors import Reject
+from taskframe.errors import Reject, TaskframeError
 from taskframe.settle import Settler, WorkerStats
 
 if TYPE_CHECKING:
@@ -89,13 +91,7 @@ class Attempts:
             await bury(lease, route, name, task_id, attempt, "unknown-task", error, True)
             return
         keeps = handler.keeps_result
-        if attempt > handler.max_attempts:
-            error = ErrorInfo(
-                type="AttemptsExhausted",
-                message=f"delivered {attempt} times; earlier attempts never finished "
-                "(worker crashed, timed out or was cut off)",
-            )
-            await bury(lease, route, name, task_id, attempt - 1, "lost", error, keeps)
+        if attempt > handler.max_attempts and await self._spent(lease, route, handler, task_id):
             return
         try:
             task = handler.model.model_validate_json(msg.data)
@@ -116,7 +112,67 @@ class Attempts:
                 await self._settler.succeeded(lease, task_id, record, skipped=True)
                 return
             lease.claim = claim
+        if attempt > 1:
+            await self._mark_started(task_id, name, attempt)
         await self._run(route, handler, task, task_id, attempt, lease)
+
+    async def _spent(self, lease: Lease, route: Route, handler: Handler[Any], task_id: str) -> bool:
+        """A delivery past `max_attempts`: bury it as lost if its last allowed attempt
+        started (or ack it if it succeeded); False if it never got that far, and runs now."""
+        name, attempt = handler.name, wire.delivery(lease.msg.reply)[0]
+        started = await self._last_started(lease, task_id)
+        if started is None:
+            return True  # acked: its final record says it succeeded
+        if started >= handler.max_attempts:
+            error = ErrorInfo(
+                type="AttemptsExhausted",
+                message=f"delivered {attempt} times; its attempt {started} never finished "
+                "(worker crashed, timed out or was cut off)",
+            )
+            keeps = handler.keeps_result
+            await self._settler.bury(lease, route, name, task_id, attempt - 1, "lost", error, keeps)
+            return True
+        log.warning(
+            "%s %s delivered %d times, but its last attempt to start was %s: running it",
+            name,
+            task_id,
+            attempt,
+            started or "none",
+        )
+        return False
+
+    async def _mark_started(self, task_id: str, name: str, attempt: int) -> None:
+        """Store a `running` record before a redelivery runs: what `_last_started` reads.
+
+        A first delivery writes none (the fast path); a task that crashes its worker on
+        every delivery is then buried after `max_attempts` runs, or 2 if that is 1.
+        """
+        record = status_record(task_id, name, TaskState.RUNNING, attempt)
+        subject = topology.progress_subject(self._client.namespace, task_id)
+        try:
+            await publish_stored(self._client.nc, self._client.settings, subject, record)
+        except TaskframeError as exc:  # runs all the same; a crash now leaves no trace
+            log.warning("start of %s attempt %d not recorded: %s", task_id, attempt, exc)
+
+    async def _last_started(self, lease: Lease, task_id: str) -> int | None:
+        """The last attempt of an over-delivered task that is known to have started (0:
+        none), or None if its final record says it succeeded, and it was acked here.
+
+        The server's delivery count is not a count of attempts: a consumer leader that lost
+        its quorum goes on counting deliveries that reach no worker (see
+        docs/server-behaviour.md). Records are the evidence of attempts that ran.
+        """
+        try:
+            status = await read_status(self._client.js, self._client.namespace, task_id)
+        except TaskframeError as exc:  # unknown: trust the delivery count, as before
+            log.warning("status of %s unreadable (%s): counting deliveries", task_id, exc)
+            return wire.delivery(lease.msg.reply)[0]
+        if status is None:
+            return 0
+        if status.state is TaskState.SUCCEEDED:
+            await self._settler.succeeded(lease, task_id, None, skipped=True)
+            return None
+        return status.attempt
 
     async def _await_claim(self, lease: Lease, task_id: str) -> Claim | None:
         """Claim an exactly-once task; while another worker holds the claim, wait for it.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -143,6 +144,22 @@ class _Request:
     sent: float
 
 
+@dataclass(slots=True, eq=False)
+class _Inbox:
+    """Where a feed's pull requests are answered, and the requests open on it, oldest first.
+
+    An inbox the feed gave up on (the server went silent) is retired, not dropped: its
+    requests may still be answered late (a stalled consumer leader, a connection that
+    heals), and a delivery nobody listens to is lost yet counted by the server as an
+    attempt. It is heard until `until`, when anything its requests bring is stale anyway.
+    """
+
+    subject: str
+    requests: deque[_Request] = field(default_factory=deque)
+    sub: Subscription | None = None
+    until: float = 0.0
+
+
 class Feed:
     """Keeps pull requests outstanding on `stream`/`consumer` and hands over the messages.
 
@@ -160,22 +177,22 @@ class Feed:
         ack_wait: float,
     ) -> None:
         self._nc = nc
+        self._ack_wait = ack_wait
         self._expires = min(EXPIRES, ack_wait / 2)
         self._heartbeat = self._expires / 4
         self._next = topology.next_subject(stream, consumer)
         self._info = topology.consumer_info_subject(stream, consumer)
-        self._inbox = nc.new_inbox()
+        self._inbox = _Inbox(nc.new_inbox())
+        self._retired: list[_Inbox] = []
         self.credit = credit
         credit.feeds.append(self)
         self._deliver = deliver
         self._recover = recover
-        self._outstanding: deque[_Request] = deque()  # oldest first
         self._pending = 0
         self._backlog = 0
         self._backlog_at = 0.0
         self._heard = time.monotonic()
         self._wake = asyncio.Event()
-        self._sub: Subscription | None = None
         self._lost = False
         self._rotate = False
         self._check = False
@@ -186,7 +203,7 @@ class Feed:
 
     async def start(self) -> None:
         """Subscribe to the feed's inbox; `run()` then sends the requests."""
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
+        await self._listen(self._inbox)
         await self._probe_backlog()
         self._wake.set()
 
@@ -206,9 +223,16 @@ class Feed:
         """Stop asking and drop the inbox; the server forgets requests nobody listens to."""
         self.stopping = True
         self._wake.set()
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for inbox in [self._inbox, *self._retired]:
+            if inbox.sub is not None:
+                await inbox.sub.unsubscribe()
+                inbox.sub = None
+        self._retired.clear()
+
+    async def _listen(self, inbox: _Inbox) -> None:
+        inbox.sub = await self._nc.subscribe(
+            inbox.subject, cb=functools.partial(self._on_msg, inbox), pending_msgs_limit=-1
+        )
 
     def _free(self) -> int:
         return self.credit.free() - self._pending
@@ -237,9 +261,8 @@ class Feed:
     def reset(self, *, new_inbox: bool = False, check: bool = True) -> None:
         """Forget every open request (after a reconnect): the next round asks afresh.
 
-        With `new_inbox`, deliveries still on their way to the old inbox are dropped too,
-        from now until the new inbox is in place. With `check`, the consumer is checked
-        (and recreated if gone) first.
+        With `new_inbox`, the next requests go to a new inbox and the old one is retired
+        (see `_Inbox`). With `check`, the consumer is checked (and recreated if gone) first.
         """
         self._lost = True
         self._rotate = self._rotate or new_inbox
@@ -254,6 +277,8 @@ class Feed:
             self._wake.clear()
             if self.stopping:
                 return
+            if self._retired:
+                await self._forget_retired()
             if self._pending and time.monotonic() - self._heard > self._expires:
                 await self._silent()
             if self._lost:
@@ -264,8 +289,9 @@ class Feed:
     async def _silent(self) -> None:
         """No word from the server for longer than a request lives: is the connection dead?
 
-        Deliveries may still sit in a buffer somewhere on the way (a half-open connection
-        heals later): the next round asks on a new inbox, so they are dropped on arrival.
+        Deliveries may still be on their way (a half-open connection heals later, a
+        consumer leader that lost its quorum answers late): the next round asks on a new
+        inbox, and what arrives on the old one keeps the lease its own requests give.
         """
         log.warning(
             "no word from the server on %s for %.1fs; checking the connection",
@@ -283,17 +309,16 @@ class Feed:
 
     async def _start_over(self) -> None:
         log.info("pull requests on %s lost; checking the consumer and asking again", self._next)
-        self._outstanding.clear()
         self._pending = 0
         self._lost = False
         self._heard = time.monotonic()
-        if self._rotate and self._sub is not None:
+        if self._rotate:
             self._rotate = False
-            await self._sub.unsubscribe()
-            self._inbox = self._nc.new_inbox()
-            self._sub = await self._nc.subscribe(
-                self._inbox, cb=self._on_msg, pending_msgs_limit=-1
-            )
+            old, self._inbox = self._inbox, _Inbox(self._nc.new_inbox())
+            await self._listen(self._inbox)
+            old.until = old.requests[-1].sent + self._ack_wait if old.requests else 0.0
+            self._retired.append(old)
+        self._inbox.requests.clear()
         try:
             if self._check:
                 await self._recover()
@@ -302,6 +327,15 @@ class Feed:
         except Exception as exc:  # the broker may still be away; try again next round
             log.warning("cannot recover consumer for %s: %r", self._next, exc)
             self._lost = True
+
+    async def _forget_retired(self) -> None:
+        """Stop hearing retired inboxes whose requests can bring nothing but stale messages."""
+        now = time.monotonic()
+        for inbox in [inbox for inbox in self._retired if inbox.until <= now]:
+            self._retired.remove(inbox)
+            if inbox.sub is not None:
+                with contextlib.suppress(Exception):  # disconnected: it goes with the connection
+                    await inbox.sub.unsubscribe()
 
     async def _request(self, batch: int) -> None:
         body = json.dumps(
@@ -313,17 +347,17 @@ class Feed:
         ).encode()
         sent = time.monotonic()
         try:
-            await self._nc.publish(self._next, body, reply=self._inbox)
+            await self._nc.publish(self._next, body, reply=self._inbox.subject)
         except Exception as exc:  # disconnected with a full buffer: ask again later
             log.debug("pull request not sent: %r", exc)
             return
-        self._outstanding.append(_Request(batch, sent))
+        self._inbox.requests.append(_Request(batch, sent))
         self._pending += batch
 
     def _settle(self, count: int) -> None:
         """The oldest open request ended; `count` of its messages will not come."""
-        if self._outstanding:
-            self._pending -= self._outstanding.popleft().owed
+        if self._inbox.requests:
+            self._pending -= self._inbox.requests.popleft().owed
         elif count:
             self._pending = max(0, self._pending - count)
         self._wake.set()
@@ -338,24 +372,33 @@ class Feed:
         would look too old and be dropped, again and again. A delivery no open request
         accounts for answered one sent after that horizon.
         """
+        requests = self._inbox.requests
         horizon = self._heard - 1.5 * self._expires
-        while self._outstanding and self._outstanding[0].sent < horizon:
-            self._pending = max(0, self._pending - self._outstanding.popleft().owed)
-        return self._outstanding[0].sent if self._outstanding else horizon
+        while requests and requests[0].sent < horizon:
+            self._pending = max(0, self._pending - requests.popleft().owed)
+        return requests[0].sent if requests else horizon
 
-    async def _on_msg(self, msg: Msg) -> None:
-        if self._rotate:
-            return  # stale: sent to a worker that was not listening; the server redelivers
+    def _late(self, inbox: _Inbox, msg: Msg, status: str | None) -> None:
+        """A message on a retired inbox: a delivery's lease runs from its oldest request."""
+        if status is None and inbox.requests and inbox.sub is not None:
+            self.credit.held += 1
+            self._deliver(msg, inbox.requests[0].sent)
+
+    async def _on_msg(self, inbox: _Inbox, msg: Msg) -> None:
         self._heard = time.monotonic()
         headers = msg.headers
         status = headers.get("Status") if headers and not msg.reply else None
+        if inbox is not self._inbox:
+            self._late(inbox, msg, status)
+            return
         if status is None:
             since = self._lease_start()
-            if self._outstanding:
-                oldest = self._outstanding[0]
+            requests = inbox.requests
+            if requests:
+                oldest = requests[0]
                 oldest.owed -= 1
                 if oldest.owed <= 0:
-                    self._outstanding.popleft()
+                    requests.popleft()
             self._pending = max(0, self._pending - 1)
             self.credit.held += 1
             if len(self.credit.feeds) > 1:

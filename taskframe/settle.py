@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import traceback
 from dataclasses import dataclass
@@ -34,8 +35,15 @@ from taskframe._leases import Lease, Leases
 from taskframe._publish import TRANSIENT, Ack, publish_stored, publisher
 from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
-from taskframe._retry import UNTIL_AVAILABLE
-from taskframe.errors import AttemptTimeoutError, Retry, StoreFullError, TaskframeError
+from taskframe._retry import UNTIL_AVAILABLE, Backoff
+from taskframe.errors import (
+    AttemptTimeoutError,
+    PublishError,
+    Retry,
+    StoreFullError,
+    StreamMissingError,
+    TaskframeError,
+)
 
 if TYPE_CHECKING:
     from taskframe.app import Handler
@@ -47,6 +55,7 @@ _ROOM_TRIES = 6  # tries to store a record after its task was acked to make room
 CONFIRMING = 1024
 """Most messages a pool holds whose ack waits for their record's confirmation (beyond its
 concurrency + prefetch: see `_pull.Credit`)."""
+RECORD_RETRY = Backoff(initial=0.1, maximum=2.0)  # a record whose stream has no leader yet
 
 
 @dataclass
@@ -215,16 +224,42 @@ class Settler:
     async def _confirm_slowly(self, confirmation: _Confirmation, tried: int) -> None:
         """The awaited path for a record refused or not confirmed in time: `publish_stored`
         (which retries what went unanswered, `tried` times already), then the ack; acks
-        first in a full store."""
-        lease = confirmation.lease
+        first in a full store.
+
+        A record the broker cannot store now (its stream has no leader: a cluster electing
+        one, or short of its quorum) is tried again for as long as the lease holds, since
+        the keeper renews it: the work is done, and leaving the message to redelivery would
+        run the handler again and spend an attempt each ack_wait, until a task that
+        succeeded every time was buried as lost.
+        """
+        lease, task_id, record = confirmation.lease, confirmation.task_id, confirmation.record
         try:
-            record = confirmation.record
-            if await self._store_and_ack(lease, confirmation.task_id, record, tried):
-                self._count(confirmation.skipped)
+            for waited in itertools.count(1):
+                try:
+                    if await self._store_and_ack(lease, task_id, record, tried):
+                        self._count(confirmation.skipped)
+                    return
+                except PublishError as exc:
+                    if not _unavailable(exc) or not await self._held_while_away(lease, waited, exc):
+                        raise
+                    tried = 0
         except Exception:
             log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
         finally:
             self._done(confirmation)
+
+    async def _held_while_away(self, lease: Lease, waited: int, exc: Exception) -> bool:
+        """Wait to store a record again; False if the lease ran out or the worker stops."""
+        delay = min(self._leases.ack_wait / 3, RECORD_RETRY.delay(waited))
+        log.warning(
+            "status record of %s not stored (%s); trying again in %.1fs, holding the task",
+            lease.msg.subject,
+            exc,
+            delay,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        return not self._stopping.is_set() and lease.valid()
 
     def _done(self, confirmation: _Confirmation) -> None:
         """The confirmation's message is settled, or given up: release it."""
@@ -421,3 +456,8 @@ class Settler:
             await self._client.nc.publish(subject, record)
         except Exception as exc:
             log.debug("status not written: %r", exc)
+
+
+def _unavailable(exc: PublishError) -> bool:
+    """Whether the broker could not store a message now, rather than refused it."""
+    return isinstance(exc, StreamMissingError) or isinstance(exc.__cause__, TRANSIENT)

@@ -116,6 +116,7 @@ async def outcome(tf: Client, procs: Procs, acked: dict[str, float]) -> dict[str
     )
     done = Counter(e.task_id for e in procs.journal.entries("done"))
     dead_info = await tf.js.stream_info(topology.dead_stream(tf.namespace))
+    letters = await tf.dead_letters(limit=1000)
     return {
         "acknowledged": len(acked),
         "executed": sum(done.values()),
@@ -124,6 +125,7 @@ async def outcome(tf: Client, procs: Procs, acked: dict[str, float]) -> dict[str
         "duplicated": sum(n - 1 for n in done.values() if n > 1),
         "unconfirmed_executed": sum(1 for task_id in done if task_id not in acked),
         "dead": dead_info.state.messages,
+        "dead_reasons": dict(Counter(letter.reason for letter in letters)),
     }
 
 
@@ -159,6 +161,17 @@ def report(scenario: str, figures: dict[str, Any]) -> None:
             test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0],
         )
     )
+
+
+def warnings(procs: Procs, most: int = 60) -> str:
+    """The workers' last warnings and errors, distinct, to explain a failed scenario."""
+    lines = [
+        re.sub(r"^\S+ \S+ ", "", line)  # without the time
+        for proc in procs.procs
+        for line in proc.text().splitlines()
+        if " WARNING " in line or " ERROR " in line
+    ]
+    return "\n".join(list(dict.fromkeys(lines))[-most:])
 
 
 def connections(cluster: NatsCluster, name: str) -> dict[str, int]:
@@ -377,9 +390,7 @@ async def test_quorum_loss_fails_enqueues_clearly_and_recovers_every_acknowledge
             "first_enqueue_after_restart_s": round(first_enqueue, 2),
         },
     )
-    assert figures["lost"] == 0
-    assert figures["no_result"] == 0
-    assert figures["dead"] == 0
+    assert (figures["lost"], figures["no_result"], figures["dead"]) == (0, 0, 0), warnings(procs)
     assert all(worker.alive for worker in [*workers, late])
 
 

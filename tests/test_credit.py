@@ -93,9 +93,43 @@ async def test_a_request_whose_end_never_came_does_not_age_later_deliveries(
     feed = Feed(client.nc, "S", "c", Credit(4, 4), lambda m, s: None, recover, ack_wait)
     now = time.monotonic()
     feed._heard = now
-    feed._outstanding.extend([_Request(5, now - 30.0), _Request(3, now - 0.2)])
+    feed._inbox.requests.extend([_Request(5, now - 30.0), _Request(3, now - 0.2)])
     feed._pending = 8
     assert feed._lease_start() == now - 0.2  # the live request; the lost one is forgotten
     assert feed._pending == 3
-    feed._outstanding.clear()
+    feed._inbox.requests.clear()
     assert feed._lease_start() == now - 1.5 * (ack_wait / 2)  # the oldest a live one could be
+
+
+async def test_a_late_answer_on_a_given_up_inbox_is_still_taken_with_its_own_requests_lease(
+    client: Client,
+) -> None:
+    # A connection that heals, or a consumer leader that lost its quorum, may answer a
+    # request after the feed gave up on it; a delivery to an inbox nobody hears any more is
+    # lost, yet the server counts it as a delivery.
+    async def recover() -> None:
+        return None
+
+    got: list[tuple[bytes, float]] = []
+    feed = Feed(
+        client.nc, "S", "c", Credit(4, 4), lambda m, s: got.append((m.data, s)), recover, 2.0
+    )
+    await feed.start()
+    sent = time.monotonic() - 0.5
+    old = feed._inbox
+    old.requests.append(_Request(2, sent))
+    feed.reset(new_inbox=True, check=False)  # as when the server went silent
+    await feed._start_over()
+    assert feed._inbox is not old
+    assert feed._retired == [old]
+    assert old.until == sent + 2.0
+
+    await client.nc.publish(old.subject, b"late", reply="late.ack")
+    await eventually(lambda: got, "the late delivery")
+    assert got == [(b"late", sent)]  # its lease started when its own request was sent
+    assert feed.credit.held == 1
+
+    old.until = time.monotonic()  # past: anything its requests bring now is stale
+    await feed._forget_retired()
+    assert feed._retired == []
+    await feed.close()

@@ -9,9 +9,20 @@ import json
 
 import pytest
 
-from taskframe import App, Backoff, Client, Context, Event, TaskFailed, TaskState, provision
+from taskframe import (
+    App,
+    Backoff,
+    Client,
+    Context,
+    Event,
+    TaskFailed,
+    TaskState,
+    connect,
+    provision,
+)
+from taskframe import _topology as topology
 from taskframe._deadletters import fit
-from taskframe.testing import eventually, running_worker
+from taskframe.testing import NatsServer, eventually, running_worker
 from tests.apps import Add, AlwaysFails, Flaky, Quiet, Slow, build
 
 
@@ -80,6 +91,29 @@ async def test_retry_signal_uses_its_delay_and_counts_attempts(client: Client) -
             await run.result(timeout=5)
     assert calls == ["fails:1", "fails:2", "fails:3"]
     assert failed.value.error_type == "Retry"
+
+
+async def test_a_record_the_broker_cannot_store_yet_holds_its_task_instead_of_running_it_again(
+    client: Client, nats_server: NatsServer
+) -> None:
+    """Its results stream gone for four ack_waits, as when a cluster's results stream has no
+    leader yet: the finished task is held (its lease renewed) until its record is stored,
+    not redelivered, run again, and in the end buried as lost."""
+    calls: list[str] = []
+    app = build(client.namespace, calls)
+    async with connect(nats_server.url, namespace=client.namespace, ack_wait=1.0) as tf:
+        run = await tf.enqueue(Slow(seconds=0.3))
+        async with running_worker(app, tf) as worker:
+            await eventually(lambda: calls, "the handler started")
+            await tf.js.delete_stream(topology.results_stream(tf.namespace))
+            await eventually(lambda: worker.stats.confirming == 1, "its record waiting")
+            await asyncio.sleep(4.0)  # a message left unsettled would come back every second
+            assert (worker.stats.confirming, len(calls)) == (1, 1)
+            await provision(app, tf)
+            assert await run.result(timeout=10) == 0.3
+            await eventually(lambda: worker.stats.succeeded == 1, "the task acked")
+            assert worker.stats.lost == 0
+    assert calls == [f"slow:{run.id}:1"]
 
 
 async def test_timeout_fails_the_attempt(client: Client) -> None:
