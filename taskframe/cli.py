@@ -11,8 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +25,6 @@ from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.provision import provision
-from taskframe.schedules import stored_schedules
 from taskframe.settings import DEFAULT_URL
 from taskframe.worker import Worker
 
@@ -263,108 +261,10 @@ def provision_command(app: AppRef, url: Url = None) -> None:
     _run(main())
 
 
-@cli.command()
-def queues(
-    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
-    url: Url = None,
-) -> None:
-    """Show every taskframe queue: tasks waiting, in flight, redelivered, dead."""
-
-    async def main() -> None:
-        async with connect(url, namespace=namespace) as client:
-            infos = await client.queues(every_namespace=namespace is None)
-        header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD", "PAUSED")
-        rows = [
-            (
-                q.namespace,
-                q.queue,
-                *map(str, (q.waiting, q.in_flight, q.redelivered, q.dead)),
-                "yes" if q.paused else "no",
-            )
-            for q in infos
-        ]
-        _table(header, rows)
-        if not rows:
-            typer.echo("(no taskframe queues on this server)")
-
-    _run(main())
-
-
-@cli.command()
-def dead(
-    namespace: Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")],
-    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")] = 50,
-    replay: Annotated[
-        bool, typer.Option("--replay", help="Enqueue them again (attempt 1) and delete them.")
-    ] = False,
-    url: Url = None,
-) -> None:
-    """List dead letters with their reason and error, or replay them onto their queue."""
-
-    async def main() -> None:
-        async with connect(url, namespace=namespace) as client:
-            letters = await client.dead_letters(queue=queue, limit=limit)
-            for letter in letters:
-                if replay:
-                    await client.replay(letter)
-            rows = [
-                (
-                    str(d.seq),
-                    d.original_subject.split(".")[2] if d.original_subject.count(".") > 2 else "?",
-                    d.subject.rsplit(".", 1)[-1],
-                    d.task_id,
-                    d.reason,
-                    str(d.attempts),
-                    f"{d.error_type}: {d.error}"[:80],
-                )
-                for d in letters
-            ]
-        _table(("SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"), rows)
-        if replay:
-            typer.echo(f"replayed {len(letters)} task(s)")
-        elif not rows:
-            typer.echo("(no dead letters)")
-
-    _run(main())
-
-
-@cli.command("schedules")
-def list_schedules(
-    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
-    url: Url = None,
-) -> None:
-    """Show every periodic schedule the broker holds, with its next fire time."""
-
-    async def main() -> None:
-        async with connect(url) as client:
-            found = await stored_schedules(client.js, namespace)
-        header = ("NAMESPACE", "QUEUE", "NAME", "TASK", "SCHEDULE", "NEXT FIRE (UTC)")
-        rows = [
-            (
-                s.namespace,
-                s.queue,
-                s.name,
-                s.task,
-                s.expression + (f" ({s.time_zone})" if s.time_zone else ""),
-                s.next_fire.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if s.next_fire else "?",
-            )
-            for s in found
-        ]
-        _table(header, rows)
-        if not rows:
-            typer.echo("(no periodic schedules on this server)")
-
-    _run(main())
-
-
-def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
 def main() -> None:
     """Entry point of the `taskframe` console script."""
     cli()
+
+
+from taskframe import _cli_control as _cli_control  # noqa: E402  (registers its commands)
+from taskframe import _cli_inspect as _cli_inspect  # noqa: E402
