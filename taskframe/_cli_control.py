@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from taskframe.cli import Url, _run, cli
+from taskframe._cli_common import Url, cli, run_command
 from taskframe.client import connect
 
 Queue = Annotated[str, typer.Argument(help="The queue's name.")]
@@ -26,7 +26,7 @@ def pause(queue: Queue, namespace: Namespace, url: Url = None) -> None:
             await client.pause(queue)
         typer.echo(f"paused queue {queue} of namespace {namespace}")
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command()
@@ -38,7 +38,7 @@ def resume(queue: Queue, namespace: Namespace, url: Url = None) -> None:
             await client.resume(queue)
         typer.echo(f"resumed queue {queue} of namespace {namespace}")
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command()
@@ -66,4 +66,4 @@ def purge(
             removed = await client.purge(queue)
         typer.echo(f"purged {removed} task(s) from queue {queue} of namespace {namespace}")
 
-    _run(main())
+    run_command(main())

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from taskframe.cli import Url, _run, cli
+from taskframe._cli_common import Url, cli, run_command
 from taskframe.client import connect
 from taskframe.schedules import stored_schedules
 
@@ -49,7 +49,7 @@ def queues(
         if not rows:
             typer.echo("(no taskframe queues on this server)")
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command()
@@ -103,7 +103,7 @@ def dead(
         elif not rows:
             typer.echo("(no dead letters)")
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command("schedules")
@@ -136,7 +136,7 @@ def list_schedules(
         if not rows:
             typer.echo("(no periodic schedules on this server)")
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command()
@@ -176,7 +176,7 @@ def status(
         for name, value in rows:
             typer.echo(f"{name.upper():<8} {value}")
 
-    _run(main())
+    run_command(main())
 
 
 def _json(items: Sequence[Any]) -> None:

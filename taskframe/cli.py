@@ -11,12 +11,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from taskframe._cli_common import Url, cli, run_command
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
@@ -25,27 +26,10 @@ from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.provision import provision
-from taskframe.settings import DEFAULT_URL
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
 
-cli = typer.Typer(
-    name="taskframe",
-    help="Typed, asyncio-native tasks on NATS JetStream.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-Url = Annotated[
-    str | None,
-    typer.Option(
-        help=f"NATS URL(s), comma-separated; may carry credentials. Default: {DEFAULT_URL}.",
-        envvar="TASKFRAME_URL",
-        show_envvar=True,
-    ),
-]
 AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
 
 
@@ -70,14 +54,6 @@ def _logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s",
     )
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(coro)
-    except TaskframeError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from exc
 
 
 @cli.command()
@@ -121,7 +97,7 @@ def worker(
         finally:
             await client.close()
 
-    _run(main())
+    run_command(main())
 
 
 async def _wait_for_server(url: str | None, namespace: str) -> Client:
@@ -239,7 +215,7 @@ def enqueue(
             if wait is not None:
                 typer.echo(json.dumps(await run.result(timeout=wait)))
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command("provision")
@@ -258,7 +234,7 @@ def provision_command(app: AppRef, url: Url = None) -> None:
                 f"groups {sorted(the_app.groups)}, schedules {sorted(the_app.schedules)}"
             )
 
-    _run(main())
+    run_command(main())
 
 
 def main() -> None:
