@@ -32,10 +32,25 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
     return rows
 
 
+COMMANDS = [
+    "worker",
+    "server",
+    "enqueue",
+    "provision",
+    "queues",
+    "dead",
+    "schedules",
+    "status",
+    "pause",
+    "resume",
+    "purge",
+]
+
+
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [
-        ((), ["worker", "enqueue", "queues", "dead", "schedules", "status", "pause", "purge"]),
+        ((), COMMANDS),
         (("worker",), ["--concurrency", "--processes", "--grace", "--queue", "--url"]),
         (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
         (("server",), ["--port", "--store", "--config", "./nats.conf"]),

@@ -32,7 +32,9 @@ def lanes_app(namespace: str, started: list[int]) -> App:
     return app
 
 
-async def test_pause_holds_every_lane_through_provisioning_until_resume(client: Client) -> None:
+async def test_pause_and_purge_cover_every_lane_and_provisioning_keeps_the_pause(
+    client: Client,
+) -> None:
     started: list[int] = []
     app = lanes_app(client.namespace, started)
     await provision(app, client)
@@ -52,6 +54,9 @@ async def test_pause_holds_every_lane_through_provisioning_until_resume(client: 
         assert started == []
         [info] = await client.queues()
         assert (info.waiting, info.in_flight, info.paused) == (3, 0, True)
+        assert await client.purge("steer") == 3  # every lane's
+        assert [q.waiting for q in await client.queues()] == [0]
+        runs = [await client.enqueue(Job(n=n), priority=p) for n, p in enumerate(lanes)]
         await client.resume("steer")
         assert sorted([await r.result(timeout=10) for r in runs]) == [0, 1, 2]
     [info] = await client.queues()
