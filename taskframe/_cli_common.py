@@ -1,5 +1,5 @@
-"""What every `taskframe` command module shares: the Typer app, the URL option, and the
-runner that turns a `TaskframeError` into a message and exit code 1.
+"""What every `taskframe` command module shares: the Typer app, the URL and namespace
+options, and the runner that turns a `TaskframeError` into a message and exit code 1.
 
 taskframe/cli.py defines the core commands and imports the other command modules
 (`_cli_inspect`, `_cli_control`), which register theirs on `cli`.
@@ -32,6 +32,7 @@ Url = Annotated[
         show_envvar=True,
     ),
 ]
+Namespace = Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")]
 
 
 def run_command(coro: Coroutine[Any, Any, None]) -> None:

@@ -6,11 +6,10 @@ from typing import Annotated
 
 import typer
 
-from taskframe._cli_common import Url, cli, run_command
+from taskframe._cli_common import Namespace, Url, cli, run_command
 from taskframe.client import connect
 
 Queue = Annotated[str, typer.Argument(help="The queue's name.")]
-Namespace = Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")]
 
 
 @cli.command()

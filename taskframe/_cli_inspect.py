@@ -13,12 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
-from taskframe._cli_common import Url, cli, run_command
+from taskframe._cli_common import Namespace, Url, cli, run_command
 from taskframe.client import connect
 from taskframe.schedules import stored_schedules
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")]
-Namespace = Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")]
 
 
 @cli.command()

@@ -1,4 +1,9 @@
-"""The `taskframe` command: run workers and a local server, enqueue, inspect queues."""
+"""The `taskframe` command: run workers and a local server, enqueue, provision.
+
+The commands that inspect the broker (queues, dead, schedules, status) are in
+_cli_inspect.py, those that steer a queue (pause, resume, purge) in _cli_control.py; both
+register on the same `cli`, imported at the end of this module.
+"""
 
 from __future__ import annotations
 
