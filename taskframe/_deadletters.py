@@ -153,12 +153,14 @@ async def dead_letters(
     queue: str | None = None,
     task: str | None = None,
     reason: str | None = None,
+    task_id: str | None = None,
     after: int = 0,
     limit: int = 100,
 ) -> list[DeadLetter]:
     """The oldest `limit` dead letters of `namespace` after sequence `after`, filtered.
 
-    `queue` and `task` are matched by the server (the letter's subject), `reason` here.
+    `queue` and `task` are matched by the server (the letter's subject), `reason` and
+    `task_id` here.
     Pass the last letter's `seq` as `after` to read the next page.
     """
     stream = topology.dead_stream(namespace)
@@ -174,7 +176,7 @@ async def dead_letters(
             break
         seq = (msg.seq or seq) + 1
         letter = _letter(msg)
-        if reason is None or letter.reason == reason:
+        if reason in (None, letter.reason) and task_id in (None, letter.task_id):
             found.append(letter)
     return found
 

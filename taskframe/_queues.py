@@ -72,7 +72,7 @@ async def _queue_info(
     consumers = [
         c
         for c in await answered(f"consumers of {name}", js.consumers_info, name)
-        if c.name == topology.WORKERS or c.name.startswith(f"{topology.WORKERS}-")
+        if topology.is_lane_consumer(c.name)
     ]
     waiting = sum(c.num_pending or 0 for c in consumers)
     in_flight = sum(c.num_ack_pending or 0 for c in consumers)

@@ -84,6 +84,16 @@ def lane_consumer(lane: str) -> str:
     return WORKERS if lane == DEFAULT_LANE else f"{WORKERS}-{lane}"
 
 
+def is_lane_consumer(name: str) -> bool:
+    """Whether `name` is one of a queue's lane consumers (`workers`, `workers-<lane>`)."""
+    return name == WORKERS or name.startswith(f"{WORKERS}-")
+
+
+def tasks_filter(namespace: str, queue: str) -> str:
+    """The subjects of every task of `queue`, all lanes (not its schedules)."""
+    return f"{namespace}.tasks.{queue}.>"
+
+
 def results_bucket(namespace: str) -> str:
     """The results KV bucket name of `namespace`."""
     return f"TF_{namespace}_results"
@@ -126,6 +136,11 @@ def next_subject(stream: str, consumer: str) -> str:
     return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
 
+def purge_subject(stream: str) -> str:
+    """The JetStream API subject that purges `stream` (its reply says how many went)."""
+    return f"$JS.API.STREAM.PURGE.{stream}"
+
+
 def consumer_info_subject(stream: str, consumer: str) -> str:
     """The JetStream API subject that answers with `consumer`'s info."""
     return f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
@@ -157,7 +172,7 @@ def queue_config(
     window = options.duplicate_window if options else None
     return js_api.StreamConfig(
         name=queue_stream(ns, queue),
-        subjects=[f"{ns}.tasks.{queue}.>", f"{ns}.sched.{queue}.>"],
+        subjects=[tasks_filter(ns, queue), f"{ns}.sched.{queue}.>"],
         retention=js_api.RetentionPolicy.WORK_QUEUE,
         storage=_storage(settings),
         num_replicas=settings.replicas,
@@ -265,7 +280,7 @@ def lane_configs(
     priority is still served (first in, first out). With lanes, the default lane takes
     `<ns>.tasks.<q>.<Task>` and lane L takes `<ns>.tasks.<q>.<Task>.L`.
     """
-    prefix = f"{settings.namespace}.tasks.{queue}"
+    prefix = tasks_filter(settings.namespace, queue).removesuffix(".>")
     limit = options.max_in_flight or max_in_flight
     if not options.priorities:
         return [(DEFAULT_LANE, _consumer(settings, WORKERS, limit, [f"{prefix}.>"]))]

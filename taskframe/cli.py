@@ -1,4 +1,9 @@
-"""The `taskframe` command: run workers and a local server, enqueue, inspect queues."""
+"""The `taskframe` command: run workers and a local server, enqueue, provision.
+
+The commands that inspect the broker (queues, dead, schedules, status) are in
+_cli_inspect.py, those that steer a queue (pause, resume, purge) in _cli_control.py; both
+register on the same `cli`, imported at the end of this module.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from taskframe._cli_common import Url, cli, run_command
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
@@ -26,28 +31,10 @@ from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.provision import provision
-from taskframe.schedules import stored_schedules
-from taskframe.settings import DEFAULT_URL
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
 
-cli = typer.Typer(
-    name="taskframe",
-    help="Typed, asyncio-native tasks on NATS JetStream.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-Url = Annotated[
-    str | None,
-    typer.Option(
-        help=f"NATS URL(s), comma-separated; may carry credentials. Default: {DEFAULT_URL}.",
-        envvar="TASKFRAME_URL",
-        show_envvar=True,
-    ),
-]
 AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
 
 
@@ -72,14 +59,6 @@ def _logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s",
     )
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(coro)
-    except TaskframeError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from exc
 
 
 @cli.command()
@@ -123,7 +102,7 @@ def worker(
         finally:
             await client.close()
 
-    _run(main())
+    run_command(main())
 
 
 async def _wait_for_server(url: str | None, namespace: str) -> Client:
@@ -241,7 +220,7 @@ def enqueue(
             if wait is not None:
                 typer.echo(json.dumps(await run.result(timeout=wait)))
 
-    _run(main())
+    run_command(main())
 
 
 @cli.command("provision")
@@ -260,111 +239,13 @@ def provision_command(app: AppRef, url: Url = None) -> None:
                 f"groups {sorted(the_app.groups)}, schedules {sorted(the_app.schedules)}"
             )
 
-    _run(main())
-
-
-@cli.command()
-def queues(
-    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
-    url: Url = None,
-) -> None:
-    """Show every taskframe queue: tasks waiting, in flight, redelivered, dead."""
-
-    async def main() -> None:
-        async with connect(url, namespace=namespace) as client:
-            infos = await client.queues(every_namespace=namespace is None)
-        header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD", "PAUSED")
-        rows = [
-            (
-                q.namespace,
-                q.queue,
-                *map(str, (q.waiting, q.in_flight, q.redelivered, q.dead)),
-                "yes" if q.paused else "no",
-            )
-            for q in infos
-        ]
-        _table(header, rows)
-        if not rows:
-            typer.echo("(no taskframe queues on this server)")
-
-    _run(main())
-
-
-@cli.command()
-def dead(
-    namespace: Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")],
-    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")] = 50,
-    replay: Annotated[
-        bool, typer.Option("--replay", help="Enqueue them again (attempt 1) and delete them.")
-    ] = False,
-    url: Url = None,
-) -> None:
-    """List dead letters with their reason and error, or replay them onto their queue."""
-
-    async def main() -> None:
-        async with connect(url, namespace=namespace) as client:
-            letters = await client.dead_letters(queue=queue, limit=limit)
-            for letter in letters:
-                if replay:
-                    await client.replay(letter)
-            rows = [
-                (
-                    str(d.seq),
-                    d.original_subject.split(".")[2] if d.original_subject.count(".") > 2 else "?",
-                    d.subject.rsplit(".", 1)[-1],
-                    d.task_id,
-                    d.reason,
-                    str(d.attempts),
-                    f"{d.error_type}: {d.error}"[:80],
-                )
-                for d in letters
-            ]
-        _table(("SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"), rows)
-        if replay:
-            typer.echo(f"replayed {len(letters)} task(s)")
-        elif not rows:
-            typer.echo("(no dead letters)")
-
-    _run(main())
-
-
-@cli.command("schedules")
-def list_schedules(
-    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
-    url: Url = None,
-) -> None:
-    """Show every periodic schedule the broker holds, with its next fire time."""
-
-    async def main() -> None:
-        async with connect(url) as client:
-            found = await stored_schedules(client.js, namespace)
-        header = ("NAMESPACE", "QUEUE", "NAME", "TASK", "SCHEDULE", "NEXT FIRE (UTC)")
-        rows = [
-            (
-                s.namespace,
-                s.queue,
-                s.name,
-                s.task,
-                s.expression + (f" ({s.time_zone})" if s.time_zone else ""),
-                s.next_fire.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if s.next_fire else "?",
-            )
-            for s in found
-        ]
-        _table(header, rows)
-        if not rows:
-            typer.echo("(no periodic schedules on this server)")
-
-    _run(main())
-
-
-def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    run_command(main())
 
 
 def main() -> None:
     """Entry point of the `taskframe` console script."""
     cli()
+
+
+from taskframe import _cli_control as _cli_control  # noqa: E402  (registers its commands)
+from taskframe import _cli_inspect as _cli_inspect  # noqa: E402

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import TypeAdapter
 
-from taskframe import _deadletters, provision
+from taskframe import _control, _deadletters, provision
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._connection import open_connection
@@ -343,21 +343,38 @@ class Client:
         queue: str | None = None,
         task: str | None = None,
         reason: str | None = None,
+        task_id: str | None = None,
         after: int = 0,
         limit: int = 100,
     ) -> list[DeadLetter]:
-        """Dead letters of this namespace, oldest first, filtered by queue, task name and
-        reason ("failed", "rejected", "invalid", "unknown-task", "lost"). For the next page
-        pass the last letter's `seq` as `after`."""
+        """Dead letters of this namespace, oldest first, filtered by queue, task name,
+        reason ("failed", "rejected", "invalid", "unknown-task", "lost") and task id. For
+        the next page pass the last letter's `seq` as `after`."""
         return await _deadletters.dead_letters(
-            self.js,
-            self.namespace,
-            queue=queue,
-            task=task,
-            reason=reason,
-            after=after,
-            limit=limit,
-        )
+            self.js, self.namespace, queue=queue, task=task, reason=reason,
+            task_id=task_id, after=after, limit=limit,
+        )  # fmt: skip
+
+    async def pause(self, queue: str) -> None:
+        """Stop handing tasks of `queue` to any worker until `resume(queue)`.
+
+        The server's consumer pause, on every lane: it holds for every worker and across
+        server restarts. Tasks can still be enqueued; tasks already running finish.
+        Raises `ConfigError` if the queue has no consumers yet (no worker ever served it).
+        """
+        await _control.pause(self.js, self.namespace, queue, _control.UNTIL_RESUMED)
+
+    async def resume(self, queue: str) -> None:
+        """Hand tasks of a paused `queue` to workers again, at once."""
+        await _control.resume(self.js, self.namespace, queue)
+
+    async def purge(self, queue: str) -> int:
+        """Remove every task waiting in `queue` (all lanes) and return how many.
+
+        Tasks running or waiting for a retry stay, and so do delayed tasks and periodic
+        schedules. Raises `ConfigError` for an unknown queue.
+        """
+        return await _control.purge(self.js, self.namespace, queue)
 
     async def replay(self, letter: DeadLetter) -> None:
         """Enqueue a dead letter's task again (same id, attempt 1), then delete the letter.

@@ -174,15 +174,25 @@ async def ensure_lanes(
     """Create or update the consumers of `queue`'s lanes; delete lanes no longer declared.
 
     Consumers on a WorkQueue stream must not overlap, so stale lanes go first and the
-    default lane is updated before new lanes are added.
+    default lane is updated before new lanes are added. A paused queue stays paused.
     """
     stream = topology.queue_stream(settings.namespace, queue)
     wanted = topology.lane_configs(settings, queue, options, max_in_flight)
     names = {config.name for _, config in wanted}
-    for info in await answered(f"consumers of {stream}", js.consumers_info, stream):
-        if info.name.startswith(f"{topology.WORKERS}-") and info.name not in names:
+    have = [
+        info
+        for info in await answered(f"consumers of {stream}", js.consumers_info, stream)
+        if topology.is_lane_consumer(info.name)
+    ]
+    for info in have:
+        if info.name != topology.WORKERS and info.name not in names:
             await answered(f"consumer {info.name}", js.delete_consumer, stream, info.name)
+    # An update without `pause_until` keeps a consumer's pause; a lane added to a paused
+    # queue is paused with the others.
+    pauses = [info.config.pause_until for info in have if info.paused]
     for _, config in wanted:
+        if pauses and len(pauses) == len(have) and config.name not in {i.name for i in have}:
+            config.pause_until = pauses[0]
         await ensure_consumer(js, stream, config)
 
 

@@ -32,18 +32,33 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
     return rows
 
 
+COMMANDS = [
+    "worker",
+    "server",
+    "enqueue",
+    "provision",
+    "queues",
+    "dead",
+    "schedules",
+    "status",
+    "pause",
+    "resume",
+    "purge",
+]
+
+
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [
-        ((), ["worker", "server", "enqueue", "queues", "provision", "dead", "schedules"]),
+        ((), COMMANDS),
         (("worker",), ["--concurrency", "--processes", "--grace", "--queue", "--url"]),
         (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
         (("server",), ["--port", "--store", "--config", "./nats.conf"]),
         (("enqueue",), ["--key", "--wait", "--url", "payload"]),
         (("provision",), ["--url", "app"]),
-        (("queues",), ["--namespace", "--url"]),
-        (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--url"]),
-        (("schedules",), ["--namespace", "--url"]),
+        (("queues",), ["--namespace", "--url", "--json"]),
+        (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--task", "--id", "--json"]),
+        (("schedules",), ["--namespace", "--url", "--json"]),
     ],
     ids=[
         "taskframe",

@@ -1,0 +1,44 @@
+"""What every `taskframe` command module shares: the Typer app, the URL and namespace
+options, and the runner that turns a `TaskframeError` into a message and exit code 1.
+
+taskframe/cli.py defines the core commands and imports the other command modules
+(`_cli_inspect`, `_cli_control`), which register theirs on `cli`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Annotated, Any
+
+import typer
+
+from taskframe.errors import TaskframeError
+from taskframe.settings import DEFAULT_URL
+
+cli = typer.Typer(
+    name="taskframe",
+    help="Typed, asyncio-native tasks on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Url = Annotated[
+    str | None,
+    typer.Option(
+        help=f"NATS URL(s), comma-separated; may carry credentials. Default: {DEFAULT_URL}.",
+        envvar="TASKFRAME_URL",
+        show_envvar=True,
+    ),
+]
+Namespace = Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")]
+
+
+def run_command(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a command's coroutine; a `TaskframeError` is printed and exits with code 1."""
+    try:
+        asyncio.run(coro)
+    except TaskframeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc

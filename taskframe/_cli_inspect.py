@@ -1,0 +1,198 @@
+"""The `taskframe` commands that show what the broker holds: queues, dead letters,
+schedules and one task's status. Each prints a table, or with `--json` JSON whose fields
+are named as the models' fields (`QueueInfo`, `DeadLetter`, `StoredSchedule`,
+`TaskStatus`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+
+from taskframe._cli_common import Namespace, Url, cli, run_command
+from taskframe.client import connect
+from taskframe.schedules import stored_schedules
+
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")]
+
+
+@cli.command()
+def queues(
+    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
+    as_json: Json = False,
+    url: Url = None,
+) -> None:
+    """Show every taskframe queue: tasks waiting, in flight, redelivered, dead."""
+
+    async def main() -> None:
+        async with connect(url, namespace=namespace) as client:
+            infos = await client.queues(every_namespace=namespace is None)
+        if as_json:
+            _json(infos)
+            return
+        header = ("NAMESPACE", "QUEUE", "WAITING", "IN FLIGHT", "REDELIVERED", "DEAD", "PAUSED")
+        rows = [
+            (
+                q.namespace,
+                q.queue,
+                *map(str, (q.waiting, q.in_flight, q.redelivered, q.dead)),
+                "yes" if q.paused else "no",
+            )
+            for q in infos
+        ]
+        _table(header, rows)
+        if not rows:
+            typer.echo("(no taskframe queues on this server)")
+
+    run_command(main())
+
+
+@cli.command()
+def dead(
+    namespace: Namespace,
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task name.")] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Only this reason: failed, rejected, invalid, unknown-task, lost."),
+    ] = None,
+    task_id: Annotated[str | None, typer.Option("--id", help="Only this task id.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, oldest first.")] = 50,
+    replay: Annotated[
+        bool, typer.Option("--replay", help="Enqueue them again (attempt 1) and delete them.")
+    ] = False,
+    as_json: Json = False,
+    url: Url = None,
+) -> None:
+    """List dead letters with their reason and error, or replay them onto their queue.
+
+    The filters apply to both: `--replay --task Resize` replays only Resize tasks.
+    """
+
+    async def main() -> None:
+        async with connect(url, namespace=namespace) as client:
+            letters = await client.dead_letters(
+                queue=queue, task=task, reason=reason, task_id=task_id, limit=limit
+            )
+            for letter in letters:
+                if replay:
+                    await client.replay(letter)
+        if as_json:
+            _json(letters)
+            return
+        rows = [
+            (
+                str(d.seq),
+                d.original_subject.split(".")[2] if d.original_subject.count(".") > 2 else "?",
+                d.subject.rsplit(".", 1)[-1],
+                d.task_id,
+                d.reason,
+                str(d.attempts),
+                f"{d.error_type}: {d.error}"[:80],
+            )
+            for d in letters
+        ]
+        _table(("SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"), rows)
+        if replay:
+            typer.echo(f"replayed {len(letters)} task(s)")
+        elif not rows:
+            typer.echo("(no dead letters)")
+
+    run_command(main())
+
+
+@cli.command("schedules")
+def list_schedules(
+    namespace: Annotated[str | None, typer.Option(help="Only this namespace.")] = None,
+    as_json: Json = False,
+    url: Url = None,
+) -> None:
+    """Show every periodic schedule the broker holds, with its next fire time."""
+
+    async def main() -> None:
+        async with connect(url) as client:
+            found = await stored_schedules(client.js, namespace)
+        if as_json:
+            _json(found)
+            return
+        header = ("NAMESPACE", "QUEUE", "NAME", "TASK", "SCHEDULE", "NEXT FIRE (UTC)")
+        rows = [
+            (
+                s.namespace,
+                s.queue,
+                s.name,
+                s.task,
+                s.expression + (f" ({s.time_zone})" if s.time_zone else ""),
+                s.next_fire.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if s.next_fire else "?",
+            )
+            for s in found
+        ]
+        _table(header, rows)
+        if not rows:
+            typer.echo("(no periodic schedules on this server)")
+
+    run_command(main())
+
+
+@cli.command()
+def status(
+    task_id: Annotated[str, typer.Argument(help="The task id `enqueue` printed.")],
+    namespace: Namespace,
+    as_json: Json = False,
+    url: Url = None,
+) -> None:
+    """Show one task's state, attempt, last update, error and result (exit 1: no record)."""
+
+    async def main() -> None:
+        async with connect(url, namespace=namespace) as client:
+            found = await client.status(task_id)
+        if found is None:
+            typer.secho(
+                f"no status record for task {task_id} in namespace {namespace}: no worker "
+                "picked it up yet, its record expired (result_ttl), its task keeps no "
+                "results, or it was never enqueued",
+                fg="red",
+                err=True,
+            )
+            raise typer.Exit(1)
+        if as_json:
+            typer.echo(found.model_dump_json())
+            return
+        error = found.error
+        rows = [
+            ("id", found.id),
+            ("task", found.task),
+            ("state", found.state.value),
+            ("attempt", str(found.attempt)),
+            ("updated", found.updated_at or "?"),
+            ("error", f"{error.type}: {error.message}" if error else "-"),
+            ("result", json.dumps(found.result)),
+        ]
+        for name, value in rows:
+            typer.echo(f"{name.upper():<8} {value}")
+
+    run_command(main())
+
+
+def _json(items: Sequence[Any]) -> None:
+    """Print dataclass instances as one JSON array of objects."""
+    typer.echo(json.dumps([dataclasses.asdict(item) for item in items], default=_plain))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):  # a dead letter's body: the task's JSON, as text
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
