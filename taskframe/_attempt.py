@@ -21,10 +21,11 @@ from taskframe._leases import Lease, Leases
 from taskframe._publish import publish_stored
 from taskframe._pull import Pool, Route
 from taskframe._results import ErrorInfo, TaskState, read_status, status_record
+from taskframe._stats import WorkerStats
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
 from taskframe.errors import Reject, TaskframeError
-from taskframe.settle import Settler, WorkerStats
+from taskframe.settle import Settler
 
 if TYPE_CHECKING:
     from taskframe.app import Handler

@@ -32,7 +32,7 @@ from taskframe import _wire as wire
 from taskframe._claims import Claim
 
 if TYPE_CHECKING:
-    from taskframe._pull import Credit
+    from taskframe._credit import Credit
 
 log = logging.getLogger("taskframe.worker")
 

@@ -345,3 +345,8 @@ def refused_batch(
         )
     error.__cause__ = first
     return error
+
+
+def unavailable(exc: PublishError) -> bool:
+    """Whether the broker could not store a message now, rather than refused it."""
+    return isinstance(exc, StreamMissingError) or isinstance(exc.__cause__, TRANSIENT)

@@ -40,6 +40,8 @@ class Backoff:
 DEFAULT_BACKOFF = Backoff()
 # Between a worker's tries while its server, or JetStream, is not there yet.
 UNTIL_AVAILABLE = Backoff(maximum=10.0)
+# Between tries to store a status record whose stream has no leader yet.
+RECORD_RETRY = Backoff(initial=0.1, maximum=2.0)
 
 
 async def answered(

@@ -25,23 +25,22 @@ import contextlib
 import itertools
 import logging
 import traceback
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
 from taskframe._leases import Lease, Leases
-from taskframe._publish import TRANSIENT, Ack, publish_stored, publisher
+from taskframe._publish import TRANSIENT, Ack, publish_stored, publisher, unavailable
 from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
-from taskframe._retry import UNTIL_AVAILABLE, Backoff
+from taskframe._retry import RECORD_RETRY, UNTIL_AVAILABLE
+from taskframe._stats import WorkerStats
 from taskframe.errors import (
     AttemptTimeoutError,
     PublishError,
     Retry,
     StoreFullError,
-    StreamMissingError,
     TaskframeError,
 )
 
@@ -54,23 +53,7 @@ _ROOM_TRIES = 6  # tries to store a record after its task was acked to make room
 
 CONFIRMING = 1024
 """Most messages a pool holds whose ack waits for their record's confirmation (beyond its
-concurrency + prefetch: see `_pull.Credit`)."""
-RECORD_RETRY = Backoff(initial=0.1, maximum=2.0)  # a record whose stream has no leader yet
-
-
-@dataclass
-class WorkerStats:
-    """Counts of settled messages since the worker started."""
-
-    succeeded: int = 0
-    retried: int = 0
-    dead: int = 0
-    lost: int = 0
-    skipped: int = 0
-    """Exactly-once tasks acked without running because they had completed before."""
-    running: int = 0
-    confirming: int = 0
-    """Tasks done whose ack waits for the server to confirm storing their status record."""
+concurrency + prefetch: see `_credit.Credit`)."""
 
 
 class _Confirmation:
@@ -240,7 +223,7 @@ class Settler:
                         self._count(confirmation.skipped)
                     return
                 except PublishError as exc:
-                    if not _unavailable(exc) or not await self._held_while_away(lease, waited, exc):
+                    if not unavailable(exc) or not await self._held_while_away(lease, waited, exc):
                         raise
                     tried = 0
         except Exception:
@@ -456,8 +439,3 @@ class Settler:
             await self._client.nc.publish(subject, record)
         except Exception as exc:
             log.debug("status not written: %r", exc)
-
-
-def _unavailable(exc: PublishError) -> bool:
-    """Whether the broker could not store a message now, rather than refused it."""
-    return isinstance(exc, StreamMissingError) or isinstance(exc.__cause__, TRANSIENT)

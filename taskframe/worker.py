@@ -21,16 +21,18 @@ from nats.aio.msg import Msg
 from taskframe import _topology as topology
 from taskframe._attempt import Attempts
 from taskframe._claims import Claims
+from taskframe._credit import Credit
 from taskframe._leases import Leases
-from taskframe._pull import Buffer, Credit, Feed, Pool, Route
+from taskframe._pull import Buffer, Feed, Pool, Route
 from taskframe._ratelimit import RateLimit, RateLimiter
 from taskframe._results import TaskState, status_record
 from taskframe._retry import UNTIL_AVAILABLE
+from taskframe._stats import WorkerStats
 from taskframe.app import App
 from taskframe.client import Client
 from taskframe.errors import ConfigError, ConnectError, PayloadTooLargeError, PublishError
 from taskframe.provision import ensure_consumer, ensure_queue, ensure_stream, provision
-from taskframe.settle import CONFIRMING, Settler, WorkerStats
+from taskframe.settle import CONFIRMING, Settler
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -51,7 +53,7 @@ class Worker:
         groups: the subscriber groups to serve; default every group of the app.
         concurrency: tasks run at once, per queue (and per group).
         prefetch: extra tasks held ready per queue, so a free slot never waits for the network.
-            By default it adapts: as many as the worker settles in 0.1 s (`_pull.HORIZON`),
+            By default it adapts: as many as the worker settles in 0.1 s (`_credit.HORIZON`),
             at least `concurrency` up to 64 and at most `MOST_PREFETCH`, so short tasks get
             a deep pipeline and long ones are left to other workers. A number fixes it.
             Tasks that have run and whose ack waits for the server to confirm their status

@@ -1,4 +1,4 @@
-"""A worker's credit (taskframe._pull.Credit): how many tasks it takes from a shared queue.
+"""A worker's credit (taskframe._credit.Credit): how many tasks it takes from a shared queue.
 
 By default the prefetch adapts: short tasks get a deep pipeline (what the worker settles in
 `HORIZON` seconds), long ones no more than `min(concurrency, 64)` waiting, so other workers
@@ -9,7 +9,8 @@ import asyncio
 import time
 
 from taskframe import Client
-from taskframe._pull import Credit, Feed, _Request
+from taskframe._credit import Credit
+from taskframe._pull import Feed, _Request
 from taskframe.testing import eventually
 from tests.apps import Add, Slow, build
 from tests.conftest import Workers

@@ -1,0 +1,20 @@
+"""The counts a worker keeps of what it settled (`Worker.stats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerStats:
+    """Counts of settled messages since the worker started."""
+
+    succeeded: int = 0
+    retried: int = 0
+    dead: int = 0
+    lost: int = 0
+    skipped: int = 0
+    """Exactly-once tasks acked without running because they had completed before."""
+    running: int = 0
+    confirming: int = 0
+    """Tasks done whose ack waits for the server to confirm storing their status record."""
