@@ -1,0 +1,208 @@
+"""Prometheus metrics: a hook that counts attempts, and queue gauges read at scrape time.
+
+    taskframe worker shop.worker:app --metrics-port 9100   # serves /metrics
+
+Needs the `metrics` extra (`pip install 'taskframe[metrics]'`); importing `taskframe`
+does not import prometheus-client, only this module does.
+
+What a worker counts (labels namespace, queue; an event's queue label is its group):
+
+    taskframe_tasks_total{task, outcome}        attempts by outcome (`hooks.Outcome`)
+    taskframe_task_duration_seconds{task}        histogram: attempt start to outcome
+    taskframe_task_queued_seconds{task}          histogram: stored to first attempt's start
+    taskframe_tasks_running                      attempts running now
+
+and what the server holds, read from its consumers when scraped (the same for every worker
+of a namespace: aggregate with max(), not sum()):
+
+    taskframe_queue_waiting, taskframe_queue_in_flight, taskframe_queue_redelivered,
+    taskframe_queue_dead, taskframe_queue_paused (1 if paused)
+
+With `--processes N` the supervising process serves one endpoint for the pool: children
+write their samples to files in a directory it makes (prometheus-client's multiprocess
+mode), and it adds them up when scraped and reads the queue gauges once, itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from taskframe.errors import ConfigError
+from taskframe.hooks import AttemptInfo, Hook
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client import multiprocess as _multiprocess
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ConfigError("metrics need prometheus-client: pip install 'taskframe[metrics]'") from exc
+
+from taskframe._queues import QueueInfo
+from taskframe.client import Client, connect
+
+__all__ = ["Metrics", "QueueCollector", "serve_pool", "serve_worker"]
+
+log = logging.getLogger("taskframe.metrics")
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+"""Histogram bucket bounds, in seconds."""
+SCRAPE_TIMEOUT = 5.0
+"""Seconds a scrape waits for the server's queue counts; without them it has the rest."""
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+_TASK = ("namespace", "queue", "task")
+_QUEUE = ("namespace", "queue")
+
+
+class Metrics(Hook):
+    """The hook that counts a worker's attempts into `registry`.
+
+    `registry=None` registers nowhere: what a pool's child does, whose samples go to the
+    multiprocess directory for its supervisor to serve.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.tasks = Counter(
+            "taskframe_tasks", "Attempts by outcome.", (*_TASK, "outcome"), registry=registry
+        )
+        self.duration = Histogram(
+            "taskframe_task_duration_seconds",
+            "Seconds from an attempt's start to its outcome.",
+            _TASK,
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.queued = Histogram(
+            "taskframe_task_queued_seconds",
+            "Seconds from storing a task to the start of its first attempt.",
+            _TASK,
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.running = Gauge(
+            "taskframe_tasks_running",
+            "Attempts running now.",
+            _QUEUE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+
+    def attempt_started(self, attempt: AttemptInfo) -> None:
+        """Count the attempt as running; note how long a first attempt waited."""
+        queue = attempt.queue or attempt.group
+        self.running.labels(attempt.namespace, queue).inc()
+        if attempt.attempt == 1:
+            self.queued.labels(attempt.namespace, queue, attempt.name).observe(attempt.queued)
+
+    def attempt_ended(self, attempt: AttemptInfo) -> None:
+        """Count the outcome and the attempt's duration."""
+        queue = attempt.queue or attempt.group
+        self.running.labels(attempt.namespace, queue).dec()
+        self.tasks.labels(attempt.namespace, queue, attempt.name, attempt.outcome).inc()
+        self.duration.labels(attempt.namespace, queue, attempt.name).observe(attempt.duration)
+
+
+Read = Callable[[], Coroutine[Any, Any, list[QueueInfo]]]
+
+
+class QueueCollector(Collector):
+    """The server's counts of each queue, read through `read` on `loop` at every scrape."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read: Read) -> None:
+        self._loop = loop
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Gauges of every queue of the namespace; none if the server did not answer."""
+        try:
+            infos = asyncio.run_coroutine_threadsafe(self._read(), self._loop).result(
+                SCRAPE_TIMEOUT
+            )
+        except Exception as exc:
+            log.warning("queue counts not read for /metrics: %r", exc)
+            return
+        gauges = {
+            field: GaugeMetricFamily(f"taskframe_queue_{field}", text, labels=_QUEUE)
+            for field, text in (
+                ("waiting", "Tasks stored and not yet delivered (server's count)."),
+                ("in_flight", "Tasks delivered and not yet acknowledged (server's count)."),
+                ("redelivered", "Tasks in flight delivered more than once (server's count)."),
+                ("dead", "Dead letters kept for the queue."),
+                ("paused", "1 if the queue is paused."),
+            )
+        }
+        for info in infos:
+            labels = [info.namespace, info.queue]
+            for field, gauge in gauges.items():
+                gauge.add_metric(labels, float(getattr(info, field)))
+        yield from gauges.values()
+
+
+def serve_worker(
+    metrics_registry: CollectorRegistry, client: Client, port: int, host: str
+) -> Callable[[], None]:
+    """Serve `/metrics` of one worker process; its queue counts are read through `client`
+    on the running loop. Returns the function that stops serving."""
+    metrics_registry.register(QueueCollector(asyncio.get_running_loop(), client.queues))
+    return _serve(metrics_registry, port, host)
+
+
+@contextmanager
+def serve_pool(
+    url: str | None, namespace: str, port: int, host: str
+) -> Iterator[Callable[[int], None]]:
+    """Serve `/metrics` for a pool of worker processes while in the block.
+
+    Makes the directory the children write to (and sets `PROMETHEUS_MULTIPROC_DIR` for
+    them), serves what they wrote and the queue counts, read over a connection of its own
+    on a thread of its own. Yields what to call with a child's pid once it exited.
+    """
+    directory = tempfile.mkdtemp(prefix="taskframe-metrics-")
+    os.environ[MULTIPROC_DIR] = directory
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="taskframe-metrics", daemon=True)
+    thread.start()
+    opened: list[Client] = []
+
+    async def read() -> list[QueueInfo]:
+        if not opened:
+            opened.append(await connect(url, namespace=namespace).open())
+        return await opened[0].queues()
+
+    registry.register(QueueCollector(loop, read))
+    stop = _serve(registry, port, host)
+    try:
+        yield lambda pid: _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    finally:
+        stop()
+        if opened:
+            asyncio.run_coroutine_threadsafe(opened[0].close(), loop).result(SCRAPE_TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(SCRAPE_TIMEOUT)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _serve(registry: CollectorRegistry, port: int, host: str) -> Callable[[], None]:
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return stop
