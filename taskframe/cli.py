@@ -117,8 +117,15 @@ def worker(
         command += [f"--url={url}"] if url else []
         if metrics is None or metrics_port is None:
             raise typer.Exit(supervise(command, processes))
-        with metrics.serve_pool(url, the_app.namespace, metrics_port, metrics_host) as exited:
-            raise typer.Exit(supervise([*command, "--metrics-child"], processes, exited))
+        try:
+            served = metrics.PoolMetrics(url, the_app.namespace, metrics_port, metrics_host)
+        except TaskframeError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from exc
+        try:
+            raise typer.Exit(supervise([*command, "--metrics-child"], processes, served.exited))
+        finally:
+            served.close()
     registry = None
     if metrics is not None:  # a pool's child writes for its supervisor, registered nowhere
         registry = None if metrics_child else metrics.CollectorRegistry()

@@ -26,13 +26,13 @@ mode), and it adds them up when scraped and reads the queue gauges once, itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from taskframe.errors import ConfigError
@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 from taskframe._queues import QueueInfo
 from taskframe.client import Client, connect
 
-__all__ = ["Metrics", "QueueCollector", "serve_pool", "serve_worker"]
+__all__ = ["Metrics", "PoolMetrics", "QueueCollector", "serve_worker"]
 
 log = logging.getLogger("taskframe.metrics")
 
@@ -156,41 +156,54 @@ def serve_worker(
     return _serve(metrics_registry, port, host)
 
 
-@contextmanager
-def serve_pool(
-    url: str | None, namespace: str, port: int, host: str
-) -> Iterator[Callable[[int], None]]:
-    """Serve `/metrics` for a pool of worker processes while in the block.
+class PoolMetrics:
+    """Serves `/metrics` for a pool of worker processes, until `close()`.
 
     Makes the directory the children write to (and sets `PROMETHEUS_MULTIPROC_DIR` for
-    them), serves what they wrote and the queue counts, read over a connection of its own
-    on a thread of its own. Yields what to call with a child's pid once it exited.
+    them, as they inherit its environment), serves what they wrote and the queue counts,
+    read over a connection of its own on a thread of its own. Raises `ConfigError` if
+    `host:port` cannot be served.
     """
-    directory = tempfile.mkdtemp(prefix="taskframe-metrics-")
-    os.environ[MULTIPROC_DIR] = directory
-    registry = CollectorRegistry()
-    _multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="taskframe-metrics", daemon=True)
-    thread.start()
-    opened: list[Client] = []
 
-    async def read() -> list[QueueInfo]:
-        if not opened:
-            opened.append(await connect(url, namespace=namespace).open())
-        return await opened[0].queues()
+    def __init__(self, url: str | None, namespace: str, port: int, host: str) -> None:
+        self._url, self._namespace = url, namespace
+        self.directory = tempfile.mkdtemp(prefix="taskframe-metrics-")
+        os.environ[MULTIPROC_DIR] = self.directory
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="taskframe-metrics", daemon=True
+        )
+        self._thread.start()
+        self._client: Client | None = None
+        registry.register(QueueCollector(self._loop, self._read))
+        try:
+            self._stop = _serve(registry, port, host)
+        except ConfigError:
+            self._stop = lambda: None
+            self.close()
+            raise
 
-    registry.register(QueueCollector(loop, read))
-    stop = _serve(registry, port, host)
-    try:
-        yield lambda pid: _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
-    finally:
-        stop()
-        if opened:
-            asyncio.run_coroutine_threadsafe(opened[0].close(), loop).result(SCRAPE_TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(SCRAPE_TIMEOUT)
-        shutil.rmtree(directory, ignore_errors=True)
+    async def _read(self) -> list[QueueInfo]:
+        if self._client is None:
+            self._client = await connect(self._url, namespace=self._namespace).open()
+        return await self._client.queues()
+
+    def exited(self, pid: int) -> None:
+        """Child `pid` exited: its gauges no longer count (its counters still do)."""
+        _multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        """Stop serving; remove the children's files."""
+        self._stop()
+        if self._client is not None:
+            closing = asyncio.run_coroutine_threadsafe(self._client.close(), self._loop)
+            with contextlib.suppress(Exception):
+                closing.result(SCRAPE_TIMEOUT)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(SCRAPE_TIMEOUT)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _serve(registry: CollectorRegistry, port: int, host: str) -> Callable[[], None]:
