@@ -184,6 +184,7 @@ class PoolMetrics:
             self._stop = lambda: None
             self.close()
             raise
+        log.info("pool processes write their samples to %s", self.directory)
 
     async def _read(self) -> list[QueueInfo]:
         if self._client is None:

@@ -3,6 +3,9 @@ counts of what its attempts came to, and the server's queue counts; with `--proc
 one endpoint adds up both children. prometheus-client stays optional."""
 
 import asyncio
+import os
+import re
+import signal
 import socket
 import urllib.request
 from pathlib import Path
@@ -111,6 +114,11 @@ async def test_a_pool_serves_one_endpoint_adding_up_its_processes(
     starts = [fields for fields in starts if fields[0] == "start"]
     assert len(starts) == 140  # every attempt counted once...
     assert len({fields[3] for fields in starts}) == 2  # ...and both children ran some
+    pool.signal(signal.SIGTERM)
+    assert await pool.wait_exit() == 0
+    found = re.search(r"write their samples to (\S+)", pool.text())
+    assert found is not None
+    assert not await asyncio.to_thread(os.path.exists, found[1])  # removed with the pool
 
 
 async def test_importing_taskframe_does_not_import_prometheus_client(procs: Procs) -> None:
