@@ -118,14 +118,15 @@ class Attempts:
             queued=max(0.0, now - stored),
         )
         _hooks.attempt_started(self._hooks, seen)
-        began, outcome = time.monotonic(), "cancelled"
+        began = time.monotonic()
+        outcome: Outcome = "cancelled"  # unless it ends otherwise: the worker stopped
         try:
             outcome = await self._deliver(pool, route, lease, arrival, handler, attempt, seen)
         except Exception as exc:  # not settled: redelivered after ack_wait
             outcome, seen.error = "lost", seen.error or exc
             raise
         finally:
-            seen.outcome = outcome  # type: ignore[assignment]
+            seen.outcome = outcome
             if outcome == "dead" and not seen.reason:
                 seen.reason = "failed"
             seen.duration = time.monotonic() - began

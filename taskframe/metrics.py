@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from taskframe.errors import ConfigError
@@ -95,20 +96,47 @@ class Metrics(Hook):
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self._by_task: dict[tuple[str, str, str], _Series] = {}
 
     def attempt_started(self, attempt: AttemptInfo) -> None:
         """Count the attempt as running; note how long a first attempt waited."""
-        queue = attempt.queue or attempt.group
-        self.running.labels(attempt.namespace, queue).inc()
+        series = self._series(attempt)
+        series.running.inc()
         if attempt.attempt == 1:
-            self.queued.labels(attempt.namespace, queue, attempt.name).observe(attempt.queued)
+            series.queued.observe(attempt.queued)
 
     def attempt_ended(self, attempt: AttemptInfo) -> None:
         """Count the outcome and the attempt's duration."""
-        queue = attempt.queue or attempt.group
-        self.running.labels(attempt.namespace, queue).dec()
-        self.tasks.labels(attempt.namespace, queue, attempt.name, attempt.outcome).inc()
-        self.duration.labels(attempt.namespace, queue, attempt.name).observe(attempt.duration)
+        series = self._series(attempt)
+        series.running.dec()
+        outcome = attempt.outcome or "lost"
+        counter = series.outcomes.get(outcome)
+        if counter is None:
+            labels = (attempt.namespace, attempt.queue or attempt.group, attempt.name, outcome)
+            counter = series.outcomes[outcome] = self.tasks.labels(*labels)
+        counter.inc()
+        series.duration.observe(attempt.duration)
+
+    def _series(self, attempt: AttemptInfo) -> _Series:
+        # prometheus-client's labels() costs microseconds: each task's series is looked up once
+        key = (attempt.namespace, attempt.queue or attempt.group, attempt.name)
+        series = self._by_task.get(key)
+        if series is None:
+            series = self._by_task[key] = _Series(
+                self.running.labels(*key[:2]),
+                self.queued.labels(*key),
+                self.duration.labels(*key),
+                {},
+            )
+        return series
+
+
+@dataclass(slots=True)
+class _Series:
+    running: Gauge
+    queued: Histogram
+    duration: Histogram
+    outcomes: dict[str, Counter]
 
 
 Read = Callable[[], Coroutine[Any, Any, list[QueueInfo]]]

@@ -17,6 +17,7 @@ from taskframe import (
     ConfigError,
     Context,
     EnqueueInfo,
+    Event,
     Hook,
     Reject,
     Task,
@@ -49,6 +50,10 @@ class Refused(Task[None], queue="hooked"):
 
 
 class Spawn(Task[str], queue="hooked"):
+    pass
+
+
+class Shipped(Event):
     pass
 
 
@@ -92,8 +97,8 @@ class Raising(Hook):
         raise RuntimeError("hook bug")
 
 
-def build(namespace: str) -> App:
-    app = App(namespace)
+def build(namespace: str, calls: list[str] | None = None) -> App:
+    app, calls = App(namespace), [] if calls is None else calls
 
     @app.handle(Fine)
     async def fine(job: Fine, ctx: Context) -> str:
@@ -116,6 +121,10 @@ def build(namespace: str) -> App:
     @app.handle(Refused)
     async def refused(job: Refused, ctx: Context) -> None:
         raise Reject("not for us")
+
+    @app.subscribe(Shipped, group="mailer")
+    async def mail(event: Shipped, ctx: Context) -> None:
+        calls.append(ctx.headers.get("x-trace", ""))
 
     @app.handle(Spawn)
     async def spawn(job: Spawn, ctx: Context) -> str:
@@ -205,6 +214,26 @@ async def test_a_raising_hook_breaks_no_task(
     assert all(outcomes(recorder, r.id) == [(1, "succeeded", "")] for r in runs)
     failed = {r.getMessage().split(" failed in ")[1].split(" of ")[0] for r in caplog.records}
     assert failed == {"before_enqueue", "after_enqueue", "attempt_started", "attempt_ended"}
+
+
+async def test_events_are_seen_with_their_group(client: Client) -> None:
+    delivered: list[str] = []
+    app, hook = build(client.namespace, delivered), Recorder()
+    app.add_hook(hook)
+    client.add_hook(hook)
+    async with running_worker(app, client):
+        event_id = await client.publish(Shipped())
+        await eventually(lambda: hook.attempts[event_id], "the event's attempt")
+    [(info, error)] = hook.enqueued
+    assert (info.task_id, info.kind, info.queue, error) == (event_id, "event", "", None)
+    [seen] = hook.attempts[event_id]
+    assert (seen.name, seen.queue, seen.group, seen.outcome) == (
+        "Shipped",
+        "",
+        "mailer",
+        "succeeded",
+    )
+    assert delivered == [f"trace-{event_id}"]
 
 
 def test_only_hooks_can_be_added(client: Client) -> None:
