@@ -240,7 +240,7 @@ def _serve(registry: CollectorRegistry, port: int, host: str) -> Callable[[], No
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
 
     def stop() -> None:
         server.shutdown()
