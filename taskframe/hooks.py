@@ -76,6 +76,7 @@ class AttemptInfo:
     attempt: int
     """This attempt's number, 1 for the first delivery."""
     max_attempts: int
+    """The handler's `max_attempts` (this attempt's number if no handler takes the message)."""
     headers: Mapping[str, str]
     """The delivered message's headers."""
     stored_at: float
