@@ -24,6 +24,7 @@ from taskframe.errors import (
     TaskframeError,
     UnreachableError,
 )
+from taskframe.hooks import AttemptInfo, EnqueueInfo, Hook
 from taskframe.models import Event, Task
 from taskframe.provision import provision
 from taskframe.schedules import Periodic
@@ -48,6 +49,9 @@ __all__ = [
     "TaskStatus",
     "connect",
     # Running
+    "AttemptInfo",
+    "EnqueueInfo",
+    "Hook",
     "Settings",
     "Worker",
     "WorkerStats",

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,10 @@ from pydantic import ValidationError
 from taskframe import _inbound as inbound
 from taskframe import _topology as topology
 from taskframe import _wire as wire
-from taskframe._claims import Claim, Claims, Outcome
+from taskframe import hooks as _hooks
+from taskframe._claims import Claim, Claims
+from taskframe._claims import Outcome as Outcome_
+from taskframe._inbound import Arrival
 from taskframe._leases import Lease, Leases
 from taskframe._publish import publish_stored
 from taskframe._pull import Pool, Route
@@ -25,6 +30,7 @@ from taskframe._stats import WorkerStats
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
 from taskframe.errors import Reject, TaskframeError
+from taskframe.hooks import AttemptInfo, Hook, Outcome
 from taskframe.settle import Settler
 
 if TYPE_CHECKING:
@@ -45,6 +51,7 @@ class Attempts:
         threads: where plain `def` handlers run.
         stopping: set when the worker stops.
         stats: the counts to keep.
+        hooks: called around every attempt (the app's list: hooks added later count).
     """
 
     def __init__(
@@ -56,8 +63,10 @@ class Attempts:
         threads: ThreadPoolExecutor,
         stopping: asyncio.Event,
         stats: WorkerStats,
+        hooks: list[Hook],
     ) -> None:
         self._client = client
+        self._hooks = hooks
         self._settler = settler
         self._leases = leases
         self._claims = claims
@@ -73,57 +82,134 @@ class Attempts:
 
     async def process(self, pool: Pool, route: Route, lease: Lease) -> None:
         """Run one delivery to its outcome."""
-        msg, bury = lease.msg, self._settler.bury
+        msg = lease.msg
         attempt, seq, _ = wire.delivery(msg.reply)
         if route.queue:
             arrival = inbound.task(msg.subject, msg.headers, f"{route.queue}-{seq}")
         else:
             arrival = inbound.event(msg.subject, msg.headers, f"event-{seq}")
-        name, task_id = arrival.name, arrival.task_id
+        handler = None if arrival.problem else route.handlers.get(arrival.name)
+        if self._hooks:
+            await self._observed(pool, route, lease, arrival, handler, attempt)
+        else:
+            await self._deliver(pool, route, lease, arrival, handler, attempt, None)
+
+    async def _observed(
+        self,
+        pool: Pool,
+        route: Route,
+        lease: Lease,
+        arrival: Arrival,
+        handler: Handler[Any] | None,
+        attempt: int,
+    ) -> None:
+        """`_deliver` between the hooks' `attempt_started` and `attempt_ended`."""
+        msg, now = lease.msg, time.time()
+        stored = wire.stored_at(msg.reply)
+        seen = AttemptInfo(
+            namespace=self._client.namespace,
+            queue=route.queue or "",
+            group=route.group or "",
+            name=arrival.name,
+            task_id=arrival.task_id,
+            attempt=attempt,
+            max_attempts=attempt if handler is None else handler.max_attempts,
+            headers=msg.headers or {},
+            stored_at=stored,
+            queued=max(0.0, now - stored),
+        )
+        _hooks.attempt_started(self._hooks, seen)
+        began = time.monotonic()
+        outcome: Outcome = "cancelled"  # unless it ends otherwise: the worker stopped
+        try:
+            outcome = await self._deliver(pool, route, lease, arrival, handler, attempt, seen)
+        except Exception as exc:  # not settled: redelivered after ack_wait
+            outcome, seen.error = "lost", seen.error or exc
+            raise
+        finally:
+            seen.outcome = outcome
+            if outcome == "dead" and not seen.reason:
+                seen.reason = "failed"
+            seen.duration = time.monotonic() - began
+            _hooks.attempt_ended(self._hooks, seen)
+
+    async def _deliver(
+        self,
+        pool: Pool,
+        route: Route,
+        lease: Lease,
+        arrival: Arrival,
+        handler: Handler[Any] | None,
+        attempt: int,
+        seen: AttemptInfo | None,
+    ) -> Outcome:
+        name, task_id, msg = arrival.name, arrival.task_id, lease.msg
         if arrival.problem:  # what its producer sent cannot go in a subject or a key: buried
             error = ErrorInfo(type="InvalidMessage", message=arrival.problem)
-            await bury(lease, route, name, task_id, attempt, "invalid", error, True)
-            return
-        handler = route.handlers.get(name)
+            return await self._bury(seen, lease, route, arrival, attempt, "invalid", error, True)
         if handler is None:
             error = ErrorInfo(
                 type="UnknownTask", message=f"no handler for {name!r} in {route.label}"
             )
-            await bury(lease, route, name, task_id, attempt, "unknown-task", error, True)
-            return
+            return await self._bury(
+                seen, lease, route, arrival, attempt, "unknown-task", error, True
+            )
         keeps = handler.keeps_result
-        if attempt > handler.max_attempts and await self._spent(lease, route, handler, task_id):
-            return
+        if attempt > handler.max_attempts:
+            spent = await self._spent(lease, route, handler, task_id, seen)
+            if spent is not None:
+                return spent
         try:
             task = handler.model.model_validate_json(msg.data)
         except ValidationError as exc:
             error = ErrorInfo(type="ValidationError", message=_short(exc))
-            await bury(lease, route, name, task_id, attempt, "invalid", error, keeps)
-            return
+            return await self._bury(seen, lease, route, arrival, attempt, "invalid", error, keeps)
         if pool.limiter is not None:
             await pool.limiter.acquire()
         if handler.exactly_once and self._claims is not None:
             claim = await self._await_claim(lease, task_id)
             if claim is None:
-                return
-            if claim.outcome is Outcome.DONE:
+                return "cancelled" if self._stopping.is_set() else "lost"
+            if claim.outcome is Outcome_.DONE:
                 # Its first run may have completed without storing its status (broker
                 # away): storing the same final record again is harmless.
                 record = claim.record if keeps else None
-                await self._settler.succeeded(lease, task_id, record, skipped=True)
-                return
+                return await self._settler.succeeded(lease, task_id, record, skipped=True)
             lease.claim = claim
         if attempt > 1:
             await self._mark_started(task_id, name, attempt)
-        await self._run(route, handler, task, task_id, attempt, lease)
+        return await self._run(route, handler, task, task_id, attempt, lease, seen)
 
-    async def _spent(self, lease: Lease, route: Route, handler: Handler[Any], task_id: str) -> bool:
+    async def _bury(
+        self,
+        seen: AttemptInfo | None,
+        lease: Lease,
+        route: Route,
+        arrival: Arrival,
+        attempt: int,
+        reason: str,
+        error: ErrorInfo,
+        keeps: bool,
+    ) -> Outcome:
+        if seen is not None:
+            seen.reason = reason
+        name, task_id = arrival.name, arrival.task_id
+        return await self._settler.bury(lease, route, name, task_id, attempt, reason, error, keeps)
+
+    async def _spent(
+        self,
+        lease: Lease,
+        route: Route,
+        handler: Handler[Any],
+        task_id: str,
+        seen: AttemptInfo | None,
+    ) -> Outcome | None:
         """A delivery past `max_attempts`: bury it as lost if its last allowed attempt
-        started (or ack it if it succeeded); False if it never got that far, and runs now."""
+        started (or ack it if it succeeded); None if it never got that far, and runs now."""
         name, attempt = handler.name, wire.delivery(lease.msg.reply)[0]
         started = await self._last_started(lease, task_id)
         if started is None:
-            return True  # acked: its final record says it succeeded
+            return "succeeded"  # acked: its final record says it succeeded
         if started >= handler.max_attempts:
             error = ErrorInfo(
                 type="AttemptsExhausted",
@@ -131,8 +217,11 @@ class Attempts:
                 "(worker crashed, timed out or was cut off)",
             )
             keeps = handler.keeps_result
-            await self._settler.bury(lease, route, name, task_id, attempt - 1, "lost", error, keeps)
-            return True
+            if seen is not None:
+                seen.reason = "lost"
+            return await self._settler.bury(
+                lease, route, name, task_id, attempt - 1, "lost", error, keeps
+            )
         log.warning(
             "%s %s delivered %d times, but its last attempt to start was %s: running it",
             name,
@@ -140,7 +229,7 @@ class Attempts:
             attempt,
             started or "none",
         )
-        return False
+        return None
 
     async def _mark_started(self, task_id: str, name: str, attempt: int) -> None:
         """Store a `running` record before a redelivery runs: what `_last_started` reads.
@@ -185,9 +274,9 @@ class Attempts:
         """
         assert self._claims is not None
         claim = await self._claims.claim(task_id)
-        if claim.outcome is Outcome.BUSY:
+        if claim.outcome is Outcome_.BUSY:
             log.info("%s is claimed by another attempt; waiting for it to end", task_id)
-        while claim.outcome is Outcome.BUSY:
+        while claim.outcome is Outcome_.BUSY:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._claim_poll)
             if self._stopping.is_set():
@@ -206,7 +295,8 @@ class Attempts:
         task_id: str,
         attempt: int,
         lease: Lease,
-    ) -> None:
+        seen: AttemptInfo | None,
+    ) -> Outcome:
         name, keeps, settler = handler.name, handler.keeps_result, self._settler
         ctx = Context(
             task_id=task_id,
@@ -216,6 +306,7 @@ class Attempts:
             max_attempts=handler.max_attempts,
             client=self._client,
             heartbeat=functools.partial(self._leases.renew, lease),
+            headers=lease.msg.headers,
         )
         if keeps:
             # Built and written by the lease keeper once the attempt has run a while: most
@@ -237,13 +328,17 @@ class Attempts:
             lease.running = None
             await self._release(lease)
             error = ErrorInfo(type="Reject", message=exc.reason)
-            await settler.bury(lease, route, name, task_id, attempt, "rejected", error, keeps)
-            return
+            if seen is not None:
+                seen.error, seen.reason = exc, "rejected"
+            return await settler.bury(
+                lease, route, name, task_id, attempt, "rejected", error, keeps
+            )
         except Exception as exc:
             lease.running = None
             await self._release(lease)
-            await settler.failed(lease, route, handler, task_id, attempt, exc)
-            return
+            if seen is not None:
+                seen.error = exc
+            return await settler.failed(lease, route, handler, task_id, attempt, exc)
         record = None
         if keeps:
             record = status_record(
@@ -253,10 +348,10 @@ class Attempts:
         if claims is not None and claim is not None and not await claims.complete(claim, record):
             log.warning("claim on %s %s was lost while it ran: not acking", name, task_id)
             self._stats.lost += 1
-            return
+            return "lost"
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins
-            return
-        await settler.succeeded(lease, task_id, record)
+            return "lost"
+        return await settler.succeeded(lease, task_id, record)
 
     async def _call(self, handler: Handler[Any], task: Any, ctx: Context) -> Any:
         """Run the handler under its timeout: on the loop, or in the thread pool if plain."""
@@ -264,6 +359,8 @@ class Attempts:
             return await self._watchdog.call(handler.timeout, lambda: handler.fn(task, ctx))
         loop = asyncio.get_running_loop()
         call = functools.partial(handler.fn, task, ctx)
+        if self._hooks:  # what hooks set in attempt_started is seen in the thread too
+            call = functools.partial(contextvars.copy_context().run, handler.fn, task, ctx)
         return await self._watchdog.call(
             handler.timeout, lambda: loop.run_in_executor(self._threads, call)
         )

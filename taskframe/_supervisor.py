@@ -45,6 +45,7 @@ class _Child:
         os.set_blocking(read, False)
         self._pipe: int | None = read
         self.ready = False
+        self.reported = False
 
     def poll(self) -> bool:
         """Whether the child still runs; notes when it became ready."""
@@ -58,8 +59,13 @@ class _Child:
         return alive
 
 
-def supervise(command: list[str], processes: int) -> int:
-    """Run `processes` copies of `command` until SIGTERM/SIGINT, which they are sent too."""
+def supervise(
+    command: list[str], processes: int, exited: Callable[[int], None] | None = None
+) -> int:
+    """Run `processes` copies of `command` until SIGTERM/SIGINT, which they are sent too.
+
+    `exited` is called with the pid of every child that exited, once.
+    """
     children = [_Child(command) for _ in range(processes)]
     early_deaths = 0
     stopping = False
@@ -78,6 +84,9 @@ def supervise(command: list[str], processes: int) -> int:
         if stopping and not any(alive):
             break
         for index, child in enumerate(children):
+            if not alive[index] and exited is not None and not child.reported:
+                child.reported = True
+                exited(child.process.pid)
             if alive[index] or stopping:
                 continue
             early_deaths = 0 if child.ready else early_deaths + 1

@@ -130,6 +130,14 @@ def delivery(reply: str) -> tuple[int, int, int]:
     return int(tokens[4 + offset]), int(tokens[5 + offset]), int(tokens[8 + offset])
 
 
+def stored_at(reply: str) -> float:
+    """When the server stored a delivered message (seconds since the epoch), from its ack
+    subject's timestamp token (nanoseconds)."""
+    tokens = reply.split(".")
+    offset = 2 if len(tokens) >= 11 else 0
+    return int(tokens[7 + offset]) / 1e9
+
+
 def delivery_key(reply: str) -> str:
     """`<stream>.<consumer>.<stream sequence>` from an ack subject: one message, any delivery."""
     tokens = reply.split(".")

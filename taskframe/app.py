@@ -31,6 +31,7 @@ from taskframe._retry import DEFAULT_BACKOFF, Backoff
 from taskframe._topology import DEFAULT_LANE, QueueOptions
 from taskframe.context import Context
 from taskframe.errors import ConfigError
+from taskframe.hooks import Hook
 from taskframe.models import Event, Task, check_token, result_type
 from taskframe.schedules import Periodic
 
@@ -69,12 +70,21 @@ class App:
         self.subscribers: dict[tuple[str, str], Handler[Any]] = {}
         self.queue_options: dict[str, QueueOptions] = {}
         self.schedules: dict[str, Periodic] = {}
+        self.hooks: list[Hook] = []
+        """Called by every worker of this app, and by its client (see `add_hook`)."""
 
     def __repr__(self) -> str:
         return (
             f"<App {self.namespace!r} handlers={len(self.handlers)} queues={sorted(self.queues)}"
             f" groups={sorted(self.groups)}>"
         )
+
+    def add_hook(self, hook: Hook) -> None:
+        """Have workers call `hook` around every attempt (`taskframe.hooks`); a worker's
+        client, which `ctx.enqueue` uses, calls it around enqueues and publishes too."""
+        if not isinstance(hook, Hook):
+            raise ConfigError(f"{hook!r} is not a taskframe.hooks.Hook")
+        self.hooks.append(hook)
 
     @property
     def queues(self) -> set[str]:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -78,19 +78,43 @@ def worker(
     ] = 30.0,
     url: Url = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Serve Prometheus metrics at /metrics on this port."),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Where /metrics listens.")] = "127.0.0.1",
+    metrics_child: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Run a worker for APP until SIGTERM or Ctrl-C, then drain gracefully and exit 0."""
     _logging(log_level)
     the_app = load_app(app)
+    metrics = _metrics() if metrics_port is not None or metrics_child else None
     if processes > 1:
         command = [sys.executable, "-m", "taskframe", "worker", app, "-c", str(concurrency)]
         command += ["--grace", str(grace), "--log-level", log_level]
         command += [f"--queue={q}" for q in queue or []]
         command += [f"--url={url}"] if url else []
-        raise typer.Exit(supervise(command, processes))
+        if metrics is None or metrics_port is None:
+            raise typer.Exit(supervise(command, processes))
+        try:
+            served = metrics.PoolMetrics(url, the_app.namespace, metrics_port, metrics_host)
+        except TaskframeError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from exc
+        try:
+            raise typer.Exit(supervise([*command, "--metrics-child"], processes, served.exited))
+        finally:
+            served.close()
+    registry = None
+    if metrics is not None:  # a pool's child writes for its supervisor, registered nowhere
+        registry = None if metrics_child else metrics.CollectorRegistry()
+        the_app.add_hook(metrics.Metrics(registry))
 
     async def main() -> None:
         client = await _wait_for_server(url, the_app.namespace)
+        stop_serving = None
+        if metrics is not None and registry is not None and metrics_port is not None:
+            stop_serving = metrics.serve_worker(registry, client, metrics_port, metrics_host)
         try:
             running = Worker(the_app, client, queues=queue, concurrency=concurrency, grace=grace)
             ready = asyncio.create_task(running.ready.wait())
@@ -100,9 +124,21 @@ def worker(
             finally:
                 ready.cancel()
         finally:
+            if stop_serving is not None:
+                await asyncio.to_thread(stop_serving)
             await client.close()
 
     run_command(main())
+
+
+def _metrics() -> Any:
+    """taskframe.metrics, or a clear error if its extra is not installed."""
+    try:
+        from taskframe import metrics
+    except TaskframeError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    return metrics
 
 
 async def _wait_for_server(url: str | None, namespace: str) -> Client:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -22,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import TypeAdapter
 
-from taskframe import _control, _deadletters, provision
+from taskframe import _control, _deadletters, hooks, provision
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._connection import open_connection
@@ -35,23 +34,23 @@ from taskframe._publish import (
     unconfirmed,
 )
 from taskframe._queues import QueueInfo, queue_infos
-from taskframe._results import TaskStatus, parse_record, read_status
+from taskframe._results import TaskStatus, read_status
 from taskframe._retry import answered
 from taskframe._taskrun import TaskRun
+from taskframe._waiting import wait_final
 from taskframe.errors import (
+    ConfigError,
     ConnectError,
     PublishError,
-    ResultTimeoutError,
     StoreFullError,
     StreamMissingError,
 )
+from taskframe.hooks import EnqueueInfo, Hook
 from taskframe.models import Event, Task, check_token, result_adapter
 from taskframe.settings import Settings
 
 R = TypeVar("R")
 log = logging.getLogger("taskframe.client")
-
-_POLL = 2.0  # seconds between re-reads while waiting, in case a status update was missed
 
 
 class Client:
@@ -69,10 +68,19 @@ class Client:
         self._known_queues: set[str] = set()
         self._results_exist = False
         self.reconnect_listeners: list[Callable[[], Awaitable[None]]] = []
+        self.hooks: list[Hook] = []
+        """Called around every enqueue and publish of this client (see `add_hook`)."""
 
     def __repr__(self) -> str:
         state = "connected" if self._nc and self._nc.is_connected else "closed"
         return f"<Client namespace={self.namespace!r} url={self.settings.safe_url!r} {state}>"
+
+    def add_hook(self, hook: Hook) -> None:
+        """Call `hook`'s `before_enqueue` and `after_enqueue` around every task enqueued and
+        every event published by this client (`taskframe.hooks`)."""
+        if not isinstance(hook, Hook):
+            raise ConfigError(f"{hook!r} is not a taskframe.hooks.Hook")
+        self.hooks.append(hook)
 
     @property
     def namespace(self) -> str:
@@ -140,6 +148,7 @@ class Client:
         key: str | None,
         priority: str | None = None,
         run_at: datetime | None = None,
+        seen: list[EnqueueInfo] | None = None,
     ) -> tuple[str, bytes, dict[str, str], str]:
         model = type(task)
         name = model.__tf_name__
@@ -157,6 +166,9 @@ class Client:
             headers[wire.SCHEDULE] = f"@at {wire.rfc3339(run_at)}"
             headers[wire.SCHEDULE_TARGET] = subject
             subject = wire.once_subject(self.namespace, queue, task_id)
+        if seen is not None:
+            seen.append(EnqueueInfo(self.namespace, queue, name, task_id, headers))
+            hooks.before_enqueue(self.hooks, seen[-1])
         body = wire.encode(task)
         check_size(subject, body, headers, self.nc.max_payload)
         return subject, body, headers, task_id
@@ -210,12 +222,22 @@ class Client:
             priority: the lane, for a queue declared with priorities.
         """
         run_at = wire.due_at(delay, at)
-        subject, body, headers, task_id = self._prepare(task, key, priority, run_at)
+        seen: list[EnqueueInfo] | None = [] if self.hooks else None
         try:
-            duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
-        except StoreFullError as exc:
-            raise exc.for_tasks((task_id,)) from exc
+            subject, body, headers, task_id = self._prepare(task, key, priority, run_at, seen)
+            try:
+                duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
+            except StoreFullError as exc:
+                raise exc.for_tasks((task_id,)) from exc
+        except BaseException as exc:
+            self._after(seen, exc)
+            raise
+        self._after(seen, None)
         return self._run(task, task_id, duplicate)
+
+    def _after(self, seen: list[EnqueueInfo] | None, error: BaseException | None) -> None:
+        for info in seen or ():
+            hooks.after_enqueue(self.hooks, info, error)
 
     async def publish(self, event: Event) -> str:
         """Publish `event` to every subscriber group and return its id.
@@ -228,15 +250,24 @@ class Client:
         event_id = wire.new_task_id()
         subject = wire.event_subject(self.namespace, name)
         headers = {wire.MSG_ID: event_id}
+        seen: list[EnqueueInfo] | None = None
+        if self.hooks:
+            seen = [EnqueueInfo(self.namespace, "", name, event_id, headers, "event")]
+            hooks.before_enqueue(self.hooks, seen[0])
         body = wire.encode(event)
-        check_size(subject, body, headers, self.nc.max_payload)
         try:
-            await publish_stored(self.nc, self.settings, subject, body, headers)
-        except StreamMissingError:
-            await _provisioned(
-                subject, provision.ensure_stream(self.js, topology.events_config(self.settings))
-            )
-            await publish_stored(self.nc, self.settings, subject, body, headers)
+            check_size(subject, body, headers, self.nc.max_payload)
+            try:
+                await publish_stored(self.nc, self.settings, subject, body, headers)
+            except StreamMissingError:
+                await _provisioned(
+                    subject, provision.ensure_stream(self.js, topology.events_config(self.settings))
+                )
+                await publish_stored(self.nc, self.settings, subject, body, headers)
+        except BaseException as exc:
+            self._after(seen, exc)
+            raise
+        self._after(seen, None)
         return event_id
 
     async def enqueue_many(
@@ -251,7 +282,19 @@ class Client:
         for another reason; the error lists which.
         """
         batch = list(tasks)
-        prepared = [self._prepare(t, None, priority) for t in batch]
+        seen: list[EnqueueInfo] | None = [] if self.hooks else None
+        try:
+            runs = await self._enqueue_many(batch, priority, seen)
+        except BaseException as exc:  # every task hears of it, stored or not
+            self._after(seen, exc)
+            raise
+        self._after(seen, None)
+        return runs
+
+    async def _enqueue_many(
+        self, batch: list[Task[Any]], priority: str | None, seen: list[EnqueueInfo] | None
+    ) -> list[TaskRun[Any]]:
+        prepared = [self._prepare(t, None, priority, None, seen) for t in batch]
         for queue in {type(t).__tf_queue__ for t in batch} - self._known_queues:
             # Once per queue and client: a batch sent to a missing stream would all come back.
             await _provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
@@ -299,37 +342,7 @@ class Client:
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:
         """Wait until `task_id` reaches a final state and return that status."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        # Subscribe before reading, so an update between the read and the wait is not missed.
-        sub = await self.nc.subscribe(topology.result_subject(self.namespace, task_id))
-        try:
-            status = await self._reread(task_id, None)
-            while status is None or not status.state.final:
-                remaining = _POLL if deadline is None else deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ResultTimeoutError(f"task {task_id} did not finish within {timeout}s")
-                try:
-                    msg = await sub.next_msg(timeout=min(_POLL, remaining))
-                except nats.errors.TimeoutError:
-                    status = await self._reread(task_id, status)
-                    continue
-                if msg.data:
-                    status = parse_record(msg.data)
-            return status
-        finally:
-            await sub.unsubscribe()
-
-    async def _reread(self, task_id: str, known: TaskStatus | None) -> TaskStatus | None:
-        """The status of `task_id`, or `known` while JetStream does not answer.
-
-        A waiter outlives a leader election or a lost quorum: it keeps waiting (and its
-        timeout still applies) instead of failing on a read that will work again.
-        """
-        try:
-            return await self.status(task_id)
-        except ConnectError as exc:
-            log.info("cannot read the status of %s yet: %s", task_id, exc)
-            return known
+        return await wait_final(self.nc, self.namespace, task_id, timeout, self.status)
 
     async def queues(self, *, every_namespace: bool = False) -> list[QueueInfo]:
         """Each queue of this namespace (or of every namespace) as the server sees it now:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 _TASK_LOG = logging.getLogger("taskframe.task")
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class Context:
@@ -20,6 +22,7 @@ class Context:
 
     __slots__ = (
         "_client",
+        "_headers",
         "_heartbeat",
         "_log",
         "attempt",
@@ -39,6 +42,7 @@ class Context:
         max_attempts: int,
         client: Client,
         heartbeat: Callable[[], Awaitable[None]],
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.task_id = task_id
         """The task's id (a UUIDv7 string, or derived from its idempotency key)."""
@@ -51,6 +55,13 @@ class Context:
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._client = client
         self._heartbeat = heartbeat
+        self._headers = headers
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The delivered message's headers: taskframe's own, and any a producer's
+        `before_enqueue` hook added (a `traceparent`, say)."""
+        return self._headers or _NO_HEADERS
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

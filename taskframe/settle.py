@@ -43,6 +43,7 @@ from taskframe.errors import (
     StoreFullError,
     TaskframeError,
 )
+from taskframe.hooks import Outcome
 
 if TYPE_CHECKING:
     from taskframe.app import Handler
@@ -150,7 +151,7 @@ class Settler:
 
     async def succeeded(
         self, lease: Lease, task_id: str, record: bytes | None, *, skipped: bool = False
-    ) -> None:
+    ) -> Outcome:
         """Store the task's final status `record` (if any), then ack it.
 
         The ack waits for the server to confirm storing the record; the caller does not
@@ -166,9 +167,11 @@ class Settler:
         if record is not None and self._pipelining:
             confirmation = _Confirmation(self, lease, task_id, record, skipped)
             if await self._send(confirmation):
-                return
+                return "succeeded"
         if await self._store_and_ack(lease, task_id, record):
             self._count(skipped)
+            return "succeeded"
+        return "lost"
 
     def _count(self, skipped: bool) -> None:
         if skipped:
@@ -314,7 +317,7 @@ class Settler:
         task_id: str,
         attempt: int,
         exc: Exception,
-    ) -> None:
+    ) -> Outcome:
         """The handler raised: retry after its backoff (or `Retry`'s delay), or bury it."""
         if isinstance(exc, AttemptTimeoutError):
             error = ErrorInfo(type="TimeoutError", message=str(exc))
@@ -326,10 +329,11 @@ class Settler:
             )
         keeps = handler.keeps_result
         if not self._leases.still_ours(lease):
-            return
+            return "lost"
         if attempt >= handler.max_attempts:
-            await self.bury(lease, route, handler.name, task_id, attempt, "failed", error, keeps)
-            return
+            return await self.bury(
+                lease, route, handler.name, task_id, attempt, "failed", error, keeps
+            )
         delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
         delay = handler.backoff.delay(attempt) if delay is None else delay
         log.info(
@@ -346,6 +350,8 @@ class Settler:
             await self.progress(task_id, record)
         if await self.settle(lease, "nak", delay):
             self._stats.retried += 1
+            return "retried"
+        return "lost"
 
     async def bury(
         self,
@@ -357,14 +363,14 @@ class Settler:
         reason: str,
         error: ErrorInfo,
         keeps_result: bool,
-    ) -> None:
+    ) -> Outcome:
         """Store a dead letter, then terminate the message: never the other way round.
 
         A message has one dead letter at most: its id names the message, so burying it again
         (its termination was lost, say) stores nothing new and leaves its status alone.
         """
         if not self._leases.still_ours(lease):
-            return
+            return "lost"
         msg = lease.msg
         headers, body = fit(
             dead_letter_headers(msg, task_id, attempt, reason, error),
@@ -376,8 +382,8 @@ class Settler:
         else:
             subject = wire.dead_event_subject(self._ns, route.group or "", name or "unknown")
         stored = await self._store_dead_letter(lease, task_id, subject, body, headers)
-        if stored is None:
-            return
+        if stored is None:  # handed back, to try again
+            return "retried"
         log.warning(
             "%s %s is dead (%s after %d attempt(s)): %s: %s",
             name,
@@ -402,6 +408,8 @@ class Settler:
                 log.error("status of dead task %s not stored: %s", task_id, exc)
         if await self.settle(lease, "term", reason=f"dead letter: {reason}"):
             self._stats.dead += 1
+            return "dead"
+        return "lost"
 
     async def _store_dead_letter(
         self, lease: Lease, task_id: str, subject: str, body: bytes, headers: dict[str, str]

@@ -131,9 +131,12 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         threads = ThreadPoolExecutor(min(self.concurrency, 64), "taskframe")
+        hooks, stop, stats = self.app.hooks, self._stop, self.stats
         attempts = Attempts(
-            self.client, self._settler, self._leases, self._claims, threads, self._stop, self.stats
+            self.client, self._settler, self._leases, self._claims, threads, stop, stats, hooks
         )
+        lent = [hook for hook in self.app.hooks if hook not in self.client.hooks]
+        self.client.hooks.extend(lent)  # ctx.enqueue goes through this client
         try:
             if not await self._provision_when_possible():
                 return  # stopped before JetStream answered
@@ -162,6 +165,8 @@ class Worker:
             pass
         finally:
             self.ready.clear()
+            for hook in lent:
+                self.client.hooks.remove(hook)
             if self._on_reconnect in self.client.reconnect_listeners:
                 self.client.reconnect_listeners.remove(self._on_reconnect)
             if handle_signals:

@@ -42,6 +42,9 @@ PUBLIC = [
     "TaskStatus",
     "connect",
     # Running
+    "AttemptInfo",
+    "EnqueueInfo",
+    "Hook",
     "Settings",
     "Worker",
     "WorkerStats",
@@ -69,6 +72,8 @@ PUBLIC_MODULES = [
     "client",
     "context",
     "errors",
+    "hooks",
+    "metrics",
     "models",
     "provision",
     "schedules",
