@@ -38,7 +38,8 @@ from taskframe import _wire as wire
 from taskframe._credit import Credit
 from taskframe._leases import Lease
 from taskframe._ratelimit import RateLimiter
-from taskframe.app import Handler
+from taskframe.app import App, Handler
+from taskframe.settings import Settings
 
 log = logging.getLogger("taskframe._pull")
 
@@ -350,6 +351,27 @@ class Route:
     def label(self) -> str:
         """How logs name this route."""
         return f"queue {self.queue}" if self.queue else f"group {self.group}"
+
+
+def app_routes(
+    app: App, settings: Settings, queues: list[str], groups: list[str]
+) -> list[list[Route]]:
+    """The consumers a worker of `app` pulls from, grouped by pool (a queue's lanes, a group)."""
+    ns, limit = app.namespace, topology.DEFAULT_MAX_IN_FLIGHT
+    pools: list[list[Route]] = []
+    for queue in queues:
+        options = app.options(queue)
+        handlers = {name: h for (q, name), h in app.handlers.items() if q == queue}
+        rank = {lane: i for i, lane in enumerate(options.lanes)}
+        stream = topology.queue_stream(ns, queue)
+        configs = topology.lane_configs(settings, queue, options, limit)
+        pools.append([Route(stream, c, rank[lane], handlers, queue=queue) for lane, c in configs])
+    for group in groups:
+        handlers = {name: h for (g, name), h in app.subscribers.items() if g == group}
+        config = topology.group_config(settings, group, handlers, limit)
+        stream = topology.events_stream(ns)
+        pools.append([Route(stream, config, 0, handlers, group=group)])
+    return pools
 
 
 class Buffer:

@@ -23,7 +23,7 @@ from taskframe._attempt import Attempts
 from taskframe._claims import Claims
 from taskframe._credit import Credit
 from taskframe._leases import Leases
-from taskframe._pull import Buffer, Feed, Pool, Route
+from taskframe._pull import Buffer, Feed, Pool, Route, app_routes
 from taskframe._ratelimit import RateLimit, RateLimiter
 from taskframe._results import TaskState, status_record
 from taskframe._retry import UNTIL_AVAILABLE
@@ -141,7 +141,7 @@ class Worker:
             if not await self._provision_when_possible():
                 return  # stopped before JetStream answered
             async with asyncio.TaskGroup() as group:
-                for routes in self._routes():
+                for routes in app_routes(self.app, self._settings, self.queues, self.groups):
                     self._start_pool(group, attempts, routes)
                 for pool in self._pools:
                     for feed in pool.feeds:
@@ -195,26 +195,6 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
         return False
-
-    def _routes(self) -> list[list[Route]]:
-        """The consumers this worker pulls from, grouped by pool (a queue's lanes, a group)."""
-        settings, ns, limit = self._settings, self.app.namespace, topology.DEFAULT_MAX_IN_FLIGHT
-        pools: list[list[Route]] = []
-        for queue in self.queues:
-            options = self.app.options(queue)
-            handlers = {name: h for (q, name), h in self.app.handlers.items() if q == queue}
-            rank = {lane: i for i, lane in enumerate(options.lanes)}
-            stream = topology.queue_stream(ns, queue)
-            configs = topology.lane_configs(settings, queue, options, limit)
-            pools.append(
-                [Route(stream, c, rank[lane], handlers, queue=queue) for lane, c in configs]
-            )
-        for group in self.groups:
-            handlers = {name: h for (g, name), h in self.app.subscribers.items() if g == group}
-            config = topology.group_config(settings, group, handlers, limit)
-            stream = topology.events_stream(ns)
-            pools.append([Route(stream, config, 0, handlers, group=group)])
-        return pools
 
     def _start_pool(
         self, group: asyncio.TaskGroup, attempts: Attempts, routes: list[Route]
