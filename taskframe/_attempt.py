@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from taskframe import _inbound as inbound
 from taskframe import _topology as topology
 from taskframe import _wire as wire
+from taskframe._cancels import Cancels
 from taskframe._claims import Claim, Claims, Outcome
 from taskframe._leases import Lease, Leases
 from taskframe._publish import publish_stored
@@ -23,7 +24,7 @@ from taskframe._pull import Pool, Route
 from taskframe._results import ErrorInfo, TaskState, read_status, status_record
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
-from taskframe.errors import Reject, TaskframeError
+from taskframe.errors import Reject, TaskCancelledError, TaskframeError
 from taskframe.settle import Settler, WorkerStats
 
 if TYPE_CHECKING:
@@ -63,7 +64,9 @@ class Attempts:
         self._threads = threads
         self._stopping = stopping
         self._stats = stats
-        self._watchdog = Watchdog()
+        self.cancels = Cancels(client, lambda task_id: self._watchdog.cancel(task_id))
+        """The ids of tasks cancelled on request; `start()` it before taking deliveries."""
+        self._watchdog = Watchdog(self.cancels)
         self._claim_poll = client.settings.ack_wait / 3
 
     async def watch_timeouts(self) -> None:
@@ -91,6 +94,9 @@ class Attempts:
             await bury(lease, route, name, task_id, attempt, "unknown-task", error, True)
             return
         keeps = handler.keeps_result
+        if task_id in self.cancels:
+            await self._cancelled(lease, task_id, name, attempt - 1, keeps)
+            return
         if attempt > handler.max_attempts and await self._spent(lease, route, handler, task_id):
             return
         try:
@@ -232,6 +238,11 @@ class Attempts:
             await self._release(lease)
             await settler.settle(lease, "nak")  # shutting down: hand the task back at once
             raise
+        except TaskCancelledError:
+            lease.running = None
+            await self._release(lease)
+            await self._cancelled(lease, task_id, name, attempt, keeps)
+            return
         except Reject as exc:
             lease.running = None
             await self._release(lease)
@@ -258,14 +269,39 @@ class Attempts:
         await settler.succeeded(lease, task_id, record)
 
     async def _call(self, handler: Handler[Any], task: Any, ctx: Context) -> Any:
-        """Run the handler under its timeout: on the loop, or in the thread pool if plain."""
-        if handler.is_async:
-            return await self._watchdog.call(handler.timeout, lambda: handler.fn(task, ctx))
-        loop = asyncio.get_running_loop()
-        call = functools.partial(handler.fn, task, ctx)
-        return await self._watchdog.call(
-            handler.timeout, lambda: loop.run_in_executor(self._threads, call)
-        )
+        """Run the handler under its timeout, stopped if its task is cancelled: on the loop,
+        or in the thread pool if plain (a thread cannot be stopped: its result is dropped)."""
+        try:
+            if handler.is_async:
+                return await self._watchdog.call(
+                    handler.timeout, lambda: handler.fn(task, ctx), ctx.task_id
+                )
+            loop = asyncio.get_running_loop()
+            call = functools.partial(handler.fn, task, ctx)
+            return await self._watchdog.call(
+                handler.timeout, lambda: loop.run_in_executor(self._threads, call), ctx.task_id
+            )
+        finally:
+            if ctx._reporter is not None:  # the last progress it reported, if not yet written
+                await ctx._reporter.close()
+
+    async def _cancelled(
+        self, lease: Lease, task_id: str, name: str, attempt: int, keeps_result: bool
+    ) -> None:
+        """Cancelled on request: store its `cancelled` record (if it keeps one), then
+        terminate its message, with no retry and no dead letter."""
+        if not self._leases.still_ours(lease):
+            return
+        log.info("%s %s cancelled on request (attempt %d)", name, task_id, attempt)
+        if keeps_result:
+            record = status_record(task_id, name, TaskState.CANCELLED, attempt)
+            try:
+                subject = topology.result_subject(self._client.namespace, task_id)
+                await publish_stored(self._client.nc, self._client.settings, subject, record)
+            except TaskframeError as exc:  # the client stored one already, unless it failed
+                log.warning("status of cancelled task %s not stored: %s", task_id, exc)
+        if await self._settler.settle(lease, "term", reason="cancelled"):
+            self._stats.cancelled += 1
 
     async def _release(self, lease: Lease) -> None:
         if lease.claim is not None and self._claims is not None:

@@ -368,3 +368,6 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
 def main() -> None:
     """Entry point of the `taskframe` console script."""
     cli()
+
+
+from taskframe import _cli_tasks as _cli_tasks  # noqa: E402  (registers its commands)

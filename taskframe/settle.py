@@ -3,7 +3,8 @@
 Each message ends in exactly one of:
     ack      the handler returned and its result (if the task keeps results) is stored
     nak      the attempt failed and attempts remain: redelivered after the backoff delay
-    term     after its dead letter was stored: bad payload, unknown task, last attempt failed
+    term     after its dead letter was stored: bad payload, unknown task, last attempt failed;
+             or after its `cancelled` record was stored (_attempt.py: cancelled on request)
     nothing  the worker lost its lease (paused or cut off longer than `ack_wait`); the
              server has redelivered the task to another worker, and JetStream would honour
              a stale ack, so this worker keeps its hands off
@@ -68,6 +69,7 @@ class WorkerStats:
     lost: int = 0
     skipped: int = 0
     """Exactly-once tasks acked without running because they had completed before."""
+    cancelled: int = 0  # on request (`Client.cancel`): stopped while running, or never run
     running: int = 0
     confirming: int = 0
     """Tasks done whose ack waits for the server to confirm storing their status record."""

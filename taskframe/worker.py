@@ -135,6 +135,7 @@ class Worker:
         try:
             if not await self._provision_when_possible():
                 return  # stopped before JetStream answered
+            await attempts.cancels.start()
             async with asyncio.TaskGroup() as group:
                 for routes in self._routes():
                     self._start_pool(group, attempts, routes)
@@ -159,6 +160,7 @@ class Worker:
         except* _Stopped:
             pass
         finally:
+            await attempts.cancels.stop()
             self.ready.clear()
             if self._on_reconnect in self.client.reconnect_listeners:
                 self.client.reconnect_listeners.remove(self._on_reconnect)
