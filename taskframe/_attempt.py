@@ -66,7 +66,7 @@ class Attempts:
         self._stats = stats
         self.cancels = Cancels(client, lambda task_id: self._watchdog.cancel(task_id))
         """The ids of tasks cancelled on request; `start()` it before taking deliveries."""
-        self._watchdog = Watchdog(self.cancels)
+        self._watchdog = Watchdog(self.cancels.ids)
         self._claim_poll = client.settings.ack_wait / 3
 
     async def watch_timeouts(self) -> None:
@@ -94,7 +94,7 @@ class Attempts:
             await bury(lease, route, name, task_id, attempt, "unknown-task", error, True)
             return
         keeps = handler.keeps_result
-        if task_id in self.cancels:
+        if task_id in self.cancels.ids:
             await self._cancelled(lease, task_id, name, attempt - 1, keeps)
             return
         if attempt > handler.max_attempts and await self._spent(lease, route, handler, task_id):

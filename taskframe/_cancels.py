@@ -52,17 +52,12 @@ class Cancels:
     def __init__(self, client: Client, on_cancel: Callable[[str], object]) -> None:
         self._client = client
         self._on_cancel = on_cancel
-        self._ids: dict[str, float] = {}  # id: when its request arrived, oldest first
+        self.ids: dict[str, float] = {}
+        """The cancelled ids, each with when its request arrived, oldest first."""
         self._ttl = client.settings.result_ttl
         self._prefix = topology.cancel_subject(client.namespace, "")
         self._caught_up = asyncio.Event()
         self._sub: Subscription | None = None
-
-    def __contains__(self, task_id: object) -> bool:
-        return task_id in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
     async def start(self) -> None:
         """Read the stored requests, then go on hearing new ones.
@@ -92,12 +87,15 @@ class Cancels:
     async def _heard(self, msg: Msg) -> None:
         task_id = msg.subject.removeprefix(self._prefix)
         now = time.monotonic()
-        self._ids.pop(task_id, None)
-        self._ids[task_id] = now
-        for old, at in list(self._ids.items()):  # expired with their stored requests
+        self.ids.pop(task_id, None)
+        self.ids[task_id] = now
+        expired = []  # with their stored requests: the oldest come first
+        for old, at in self.ids.items():
             if at + self._ttl > now:
                 break
-            del self._ids[old]
+            expired.append(old)
+        for old in expired:
+            del self.ids[old]
         self._on_cancel(task_id)
         if wire.delivery(msg.reply)[2] == 0:
             self._caught_up.set()
@@ -126,10 +124,13 @@ async def _record_cancelled(client: Client, task_id: str, name: str, attempt: in
     finished meanwhile: its record stays)."""
     record = status_record(task_id, name, TaskState.CANCELLED, attempt)
     subject = topology.result_subject(client.namespace, task_id)
+    headers = {_EXPECTED_LAST: "0"}
     try:
-        await publish_stored(client.nc, client.settings, subject, record, {_EXPECTED_LAST: "0"})
-    except StreamMissingError:
-        return True  # no results bucket: nothing keeps a record
+        try:
+            await publish_stored(client.nc, client.settings, subject, record, headers)
+        except StreamMissingError:  # no worker has provisioned the namespace yet
+            await ensure_stream(client.js, topology.results_config(client.settings))
+            await publish_stored(client.nc, client.settings, subject, record, headers)
     except PublishError as exc:
         now = await client.status(task_id)
         if now is not None and now.state.final:

@@ -6,13 +6,13 @@ from typing import Annotated
 
 import typer
 
-from taskframe.cli import Url, _run, cli
+from taskframe._cli_common import Url, cli, run
 from taskframe.client import connect
 
 
 @cli.command()
 def cancel(
-    task_id: Annotated[str, typer.Argument(help="The task's id.")],
+    task_id: Annotated[str, typer.Argument(help="The task's id.", metavar="TASK_ID")],
     namespace: Annotated[str, typer.Option(help="The namespace.", envvar="TASKFRAME_NAMESPACE")],
     url: Url = None,
 ) -> None:
@@ -33,4 +33,4 @@ def cancel(
             raise typer.Exit(1)
         typer.echo(f"cancelled {task_id}")
 
-    _run(main())
+    run(main())

@@ -11,13 +11,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from taskframe._cli_common import Url, cli
+from taskframe._cli_common import run as _run
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
@@ -27,27 +29,10 @@ from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.provision import provision
 from taskframe.schedules import stored_schedules
-from taskframe.settings import DEFAULT_URL
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
 
-cli = typer.Typer(
-    name="taskframe",
-    help="Typed, asyncio-native tasks on NATS JetStream.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-Url = Annotated[
-    str | None,
-    typer.Option(
-        help=f"NATS URL(s), comma-separated; may carry credentials. Default: {DEFAULT_URL}.",
-        envvar="TASKFRAME_URL",
-        show_envvar=True,
-    ),
-]
 AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
 
 
@@ -72,14 +57,6 @@ def _logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s",
     )
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(coro)
-    except TaskframeError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from exc
 
 
 @cli.command()

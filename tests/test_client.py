@@ -402,10 +402,12 @@ async def test_a_cancelled_waiting_delayed_or_retrying_task_never_runs(
     control = await client.enqueue(Nap(fail_first=True), delay=0.5)
     for run in (waiting, delayed, retrying):
         assert await run.cancel() is True
-    async with connect(nats_server.url, namespace=client.namespace) as late:
-        async with running_worker(app, late) as worker:  # started after the cancel requests
-            assert await control.result(timeout=10) == "woke"  # due after the delayed one
-            await eventually(lambda: worker.stats.cancelled == 1, "the retry to be dropped")
+    async with (
+        connect(nats_server.url, namespace=client.namespace) as late,
+        running_worker(app, late) as worker,  # started after the cancel requests
+    ):
+        assert await control.result(timeout=10) == "woke"  # due after the delayed one
+        await eventually(lambda: worker.stats.cancelled == 1, "the retry to be dropped")
     assert started == [retrying.id, control.id, control.id]
     for run in (waiting, delayed, retrying):
         assert (await run.status()).state is TaskState.CANCELLED
