@@ -238,11 +238,6 @@ class Attempts:
             await self._release(lease)
             await settler.settle(lease, "nak")  # shutting down: hand the task back at once
             raise
-        except TaskCancelledError:
-            lease.running = None
-            await self._release(lease)
-            await self._cancelled(lease, task_id, name, attempt, keeps)
-            return
         except Reject as exc:
             lease.running = None
             await self._release(lease)
@@ -252,7 +247,10 @@ class Attempts:
         except Exception as exc:
             lease.running = None
             await self._release(lease)
-            await settler.failed(lease, route, handler, task_id, attempt, exc)
+            if isinstance(exc, TaskCancelledError) and exc.task_id == task_id:  # not another's
+                await self._cancelled(lease, task_id, name, attempt, keeps)
+            else:
+                await settler.failed(lease, route, handler, task_id, attempt, exc)
             return
         record = None
         if keeps:

@@ -66,12 +66,18 @@ class Cancels:
         so a task cancelled before this worker started is not run by it.
         """
         js, stream = self._client.js, topology.cancels_stream(self._client.namespace)
-        info = await answered(f"stream {stream}", js.stream_info, stream)
-        if not info.state.messages:
-            self._caught_up.set()
-        self._sub = await js.subscribe(
-            f"{self._prefix}>", stream=stream, ordered_consumer=True, cb=self._heard
-        )
+        if self._sub is None:
+            info = await answered(f"stream {stream}", js.stream_info, stream)
+            if not info.state.messages:
+                self._caught_up.set()
+            self._sub = await answered(
+                f"cancel requests of {stream}",
+                js.subscribe,
+                f"{self._prefix}>",
+                stream=stream,
+                ordered_consumer=True,
+                cb=self._heard,
+            )
         try:
             await asyncio.wait_for(self._caught_up.wait(), self._client.settings.publish_timeout)
         except TimeoutError:

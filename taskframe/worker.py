@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.msg import Msg
@@ -133,9 +133,8 @@ class Worker:
             self.client, self._settler, self._leases, self._claims, threads, self._stop, self.stats
         )
         try:
-            if not await self._provision_when_possible():
+            if not await self._provision_when_possible(attempts.cancels.start):
                 return  # stopped before JetStream answered
-            await attempts.cancels.start()
             async with asyncio.TaskGroup() as group:
                 for routes in self._routes():
                     self._start_pool(group, attempts, routes)
@@ -170,8 +169,9 @@ class Worker:
             threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker stopped: %r", self)
 
-    async def _provision_when_possible(self) -> bool:
-        """`provision()`, again while JetStream does not answer; False if stopped meanwhile.
+    async def _provision_when_possible(self, then: Callable[[], Awaitable[None]]) -> bool:
+        """`provision()` and `then()` (hear cancel requests), again while JetStream does not
+        answer; False if stopped meanwhile.
 
         A worker may start while its cluster has no quorum or elects a leader: it waits for
         JetStream instead of exiting. A refused permission or a conflicting setting fails.
@@ -180,6 +180,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 await provision(self.app, self.client, queues=self.queues, groups=self.groups)
+                await then()
                 return True
             except PayloadTooLargeError:
                 raise
