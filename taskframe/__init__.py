@@ -2,7 +2,7 @@
 
 from taskframe._deadletters import DeadLetter
 from taskframe._queues import QueueInfo
-from taskframe._results import ErrorInfo, TaskState, TaskStatus
+from taskframe._results import ErrorInfo, Progress, TaskState, TaskStatus
 from taskframe._retry import Backoff
 from taskframe._taskrun import TaskRun
 from taskframe.app import App
@@ -20,6 +20,7 @@ from taskframe.errors import (
     Retry,
     StoreFullError,
     StreamMissingError,
+    TaskCancelledError,
     TaskFailed,
     TaskframeError,
     UnreachableError,
@@ -43,6 +44,7 @@ __all__ = [
     "Client",
     "DeadLetter",
     "ErrorInfo",
+    "Progress",
     "QueueInfo",
     "TaskRun",
     "TaskState",
@@ -68,6 +70,7 @@ __all__ = [
     "Retry",
     "StoreFullError",
     "StreamMissingError",
+    "TaskCancelledError",
     "TaskFailed",
     "TaskframeError",
     "UnreachableError",

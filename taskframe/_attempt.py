@@ -19,6 +19,7 @@ from taskframe import _inbound as inbound
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe import hooks as _hooks
+from taskframe._cancels import Cancels
 from taskframe._claims import Claim, Claims
 from taskframe._claims import Outcome as Outcome_
 from taskframe._inbound import Arrival
@@ -29,7 +30,7 @@ from taskframe._results import ErrorInfo, TaskState, read_status, status_record
 from taskframe._stats import WorkerStats
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
-from taskframe.errors import Reject, TaskframeError
+from taskframe.errors import Reject, TaskCancelledError, TaskframeError
 from taskframe.hooks import AttemptInfo, Hook, Outcome
 from taskframe.settle import Settler
 
@@ -73,7 +74,9 @@ class Attempts:
         self._threads = threads
         self._stopping = stopping
         self._stats = stats
-        self._watchdog = Watchdog()
+        self.cancels = Cancels(client, lambda task_id: self._watchdog.cancel(task_id))
+        """The ids of tasks cancelled on request; `start()` it before taking deliveries."""
+        self._watchdog = Watchdog(self.cancels.ids)
         self._claim_poll = client.settings.ack_wait / 3
 
     async def watch_timeouts(self) -> None:
@@ -155,6 +158,8 @@ class Attempts:
                 seen, lease, route, arrival, attempt, "unknown-task", error, True
             )
         keeps = handler.keeps_result
+        if task_id in self.cancels.ids:
+            return await self._cancelled(lease, task_id, name, attempt - 1, keeps)
         if attempt > handler.max_attempts:
             spent = await self._spent(lease, route, handler, task_id, seen)
             if spent is not None:
@@ -336,6 +341,8 @@ class Attempts:
         except Exception as exc:
             lease.running = None
             await self._release(lease)
+            if isinstance(exc, TaskCancelledError) and exc.task_id == task_id:  # not another's
+                return await self._cancelled(lease, task_id, name, attempt, keeps)
             if seen is not None:
                 seen.error = exc
             return await settler.failed(lease, route, handler, task_id, attempt, exc)
@@ -354,16 +361,42 @@ class Attempts:
         return await settler.succeeded(lease, task_id, record)
 
     async def _call(self, handler: Handler[Any], task: Any, ctx: Context) -> Any:
-        """Run the handler under its timeout: on the loop, or in the thread pool if plain."""
-        if handler.is_async:
-            return await self._watchdog.call(handler.timeout, lambda: handler.fn(task, ctx))
-        loop = asyncio.get_running_loop()
-        call = functools.partial(handler.fn, task, ctx)
-        if self._hooks:  # what hooks set in attempt_started is seen in the thread too
-            call = functools.partial(contextvars.copy_context().run, handler.fn, task, ctx)
-        return await self._watchdog.call(
-            handler.timeout, lambda: loop.run_in_executor(self._threads, call)
-        )
+        """Run the handler under its timeout, stopped if its task is cancelled: on the loop,
+        or in the thread pool if plain (a thread cannot be stopped: its result is dropped)."""
+        try:
+            if handler.is_async:
+                return await self._watchdog.call(
+                    handler.timeout, lambda: handler.fn(task, ctx), ctx.task_id
+                )
+            loop = asyncio.get_running_loop()
+            call = functools.partial(handler.fn, task, ctx)
+            if self._hooks:  # what hooks set in attempt_started is seen in the thread too
+                call = functools.partial(contextvars.copy_context().run, handler.fn, task, ctx)
+            return await self._watchdog.call(
+                handler.timeout, lambda: loop.run_in_executor(self._threads, call), ctx.task_id
+            )
+        finally:
+            if ctx._reporter is not None:  # the last progress it reported, if not yet written
+                await ctx._reporter.close()
+
+    async def _cancelled(
+        self, lease: Lease, task_id: str, name: str, attempt: int, keeps_result: bool
+    ) -> Outcome:
+        """Cancelled on request: store its `cancelled` record (if it keeps one), then
+        terminate its message, with no retry and no dead letter."""
+        if not self._leases.still_ours(lease):
+            return "lost"
+        log.info("%s %s cancelled on request (attempt %d)", name, task_id, attempt)
+        if keeps_result:
+            record = status_record(task_id, name, TaskState.CANCELLED, attempt)
+            try:
+                subject = topology.result_subject(self._client.namespace, task_id)
+                await publish_stored(self._client.nc, self._client.settings, subject, record)
+            except TaskframeError as exc:  # the client stored one already, unless it failed
+                log.warning("status of cancelled task %s not stored: %s", task_id, exc)
+        if await self._settler.settle(lease, "term", reason="cancelled"):
+            self._stats.cancelled += 1
+        return "cancelled"
 
     async def _release(self, lease: Lease) -> None:
         if lease.claim is not None and self._claims is not None:

@@ -6,14 +6,16 @@ One KV key per task id holds the latest record, a JSON object:
      "result": <the handler's return value as JSON>, "error": null,
      "updated_at": "2026-11-28T04:11:06.123456Z"}
 
-The states run queued → running → (failed → running)* → succeeded | dead. `failed` means
-an attempt failed and another is scheduled; `dead` means the task is in the dead-letter
-stream and will not run again.
+The states run queued → running → (failed → running)* → succeeded | dead | cancelled.
+`failed` means an attempt failed and another is scheduled; `dead` means the task is in the
+dead-letter stream and will not run again; `cancelled` that it was cancelled on request
+(`Client.cancel`) before it finished, and will not run again either.
 
-Final records (succeeded, dead) are the bucket's keys. Non-final ones (running, failed) are
-stored in the same stream under `<namespace>.progress.<id>`, outside the keys: a non-final
-write that reaches the server late (it sat in a connection that was cut) cannot replace a
-final record. A reader takes the key, else the progress subject, else `queued`.
+Final records (succeeded, dead, cancelled) are the bucket's keys. Non-final ones (running,
+failed) are stored in the same stream under `<namespace>.progress.<id>`, outside the keys:
+a non-final write that reaches the server late (it sat in a connection that was cut)
+cannot replace a final record. A reader takes the key, else the progress subject, else
+`queued`. Progress reports (`Context.progress`) go to `<namespace>.progress.<id>.report`.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ class TaskState(StrEnum):
     FAILED = "failed"
     SUCCEEDED = "succeeded"
     DEAD = "dead"
+    CANCELLED = "cancelled"
 
     @property
     def final(self) -> bool:
         """Whether the task will not change state again."""
-        return self in (TaskState.SUCCEEDED, TaskState.DEAD)
+        return self in (TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED)
 
 
 class ErrorInfo(BaseModel):
@@ -71,6 +74,25 @@ class TaskStatus(BaseModel):
     result: Any = None
     error: ErrorInfo | None = None
     updated_at: str = ""
+
+
+class Progress(BaseModel):
+    """The last progress a running task reported (`Context.progress`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    done: float
+    total: float | None = None
+    note: str | None = None
+    attempt: int = 0
+    """The attempt that reported it."""
+    updated_at: str = ""
+
+
+def progress_record(done: float, total: float | None, note: str | None, attempt: int) -> bytes:
+    """A progress report as stored on the task's report subject."""
+    fields = {"done": done, "total": total, "note": note, "attempt": attempt, "updated_at": _now()}
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def status_record(
@@ -152,3 +174,18 @@ async def read_status(js: JetStreamContext, namespace: str, task_id: str) -> Tas
         if msg.data and (msg.headers or {}).get("KV-Operation") is None:
             return parse_record(msg.data)
     return None
+
+
+async def read_progress(js: JetStreamContext, namespace: str, task_id: str) -> Progress | None:
+    """The last progress report of `task_id`, or None if it made none (or it expired)."""
+    stream, subject = (
+        topology.results_stream(namespace),
+        topology.report_subject(namespace, task_id),
+    )
+    try:
+        msg = await answered(f"progress of {task_id}", js.get_last_msg, stream, subject, True)
+    except NotFoundError:
+        return None
+    except APIError as exc:
+        raise PublishError(f"cannot read progress of {task_id}: {exc.description}") from exc
+    return Progress.model_validate_json(msg.data) if msg.data else None

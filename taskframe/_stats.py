@@ -15,6 +15,7 @@ class WorkerStats:
     lost: int = 0
     skipped: int = 0
     """Exactly-once tasks acked without running because they had completed before."""
+    cancelled: int = 0  # on request (`Client.cancel`): stopped while running, or never run
     running: int = 0
     confirming: int = 0
     """Tasks done whose ack waits for the server to confirm storing their status record."""

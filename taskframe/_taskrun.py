@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pydantic import TypeAdapter
 
-from taskframe._results import TaskState, TaskStatus
-from taskframe.errors import ConfigError, TaskFailed
+from taskframe._results import Progress, TaskState, TaskStatus
+from taskframe.errors import ConfigError, TaskCancelledError, TaskFailed
 
 if TYPE_CHECKING:
     from taskframe.client import Client
@@ -50,12 +50,15 @@ class TaskRun(Generic[R]):
     async def result(self, timeout: float | None = None) -> R:
         """Wait for the task to finish and return its typed result.
 
-        Raises `TaskFailed` if the task ended dead, `ResultTimeoutError` if it did not
-        finish within `timeout` seconds (it may still finish later).
+        Raises `TaskFailed` if the task ended dead, `TaskCancelledError` (a `TaskFailed`)
+        if it was cancelled, `ResultTimeoutError` if it did not finish within `timeout`
+        seconds (it may still finish later).
         """
         if not self.keeps_result:
             raise ConfigError(f"{self.task} is declared with results=False: no result is stored")
         status = await self._client.wait(self.id, timeout)
+        if status.state is TaskState.CANCELLED:
+            raise TaskCancelledError(self.id, status.attempt)
         if status.state is TaskState.DEAD:
             error = status.error
             raise TaskFailed(
@@ -66,3 +69,11 @@ class TaskRun(Generic[R]):
                 status.state.value,
             )
         return self._adapter.validate_python(status.result)
+
+    async def progress(self) -> Progress | None:
+        """The last progress the task reported (`Context.progress`), or None if none."""
+        return await self._client.progress(self.id)
+
+    async def cancel(self) -> bool:
+        """Cancel the task (see `Client.cancel`); False if it already finished."""
+        return await self._client.cancel(self.id)

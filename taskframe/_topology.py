@@ -7,7 +7,10 @@
                                                        dead_max_bytes (oldest go first)
     results and status       KV      TF_<ns>_results   one key per task id, TTL result_ttl,
                                                        results_max_bytes (oldest go first);
-                                                       non-final status on <ns>.progress.<id>
+                                                       non-final status on <ns>.progress.<id>,
+                                                       progress reports on <ns>.progress.<id>.report
+    cancel requests          stream  TF_<ns>_CANCEL    Limits, subjects <ns>.cancel.<id>, kept
+                                                       result_ttl, one message per task id
     exactly-once claims      KV      TF_<ns>_claims    one key per task id, per-message TTLs
     events                   stream  TF_<ns>_EVENTS    Interest, subjects <ns>.events.>
     a subscriber group g     durable pull consumer "group-<g>" on the events stream
@@ -153,6 +156,42 @@ def progress_subject(namespace: str, task_id: str) -> str:
     write (one that sat in a cut connection) can never replace a final record.
     """
     return f"{namespace}.progress.{task_id}"
+
+
+def report_subject(namespace: str, task_id: str) -> str:
+    """The subject a running task's progress report (`Context.progress`) is written to.
+
+    Stored in the results bucket's stream beside the task's status records, outside its
+    keys: a report never replaces a status, and is kept as long as one.
+    """
+    return f"{namespace}.progress.{task_id}.report"
+
+
+def cancels_stream(namespace: str) -> str:
+    """The stream of `namespace`'s cancel requests."""
+    return f"TF_{namespace}_CANCEL"
+
+
+def cancel_subject(namespace: str, task_id: str) -> str:
+    """The subject of the cancel request for `task_id`."""
+    return f"{namespace}.cancel.{task_id}"
+
+
+def cancels_config(settings: Settings) -> js_api.StreamConfig:
+    """The cancel requests: one per task id, kept `result_ttl` (as long as a task's record)."""
+    ns = settings.namespace
+    return js_api.StreamConfig(
+        name=cancels_stream(ns),
+        subjects=[f"{ns}.cancel.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_age=settings.result_ttl,
+        max_msgs_per_subject=1,
+        discard=js_api.DiscardPolicy.OLD,
+        duplicate_window=min(120.0, settings.result_ttl),
+        metadata={META_NAMESPACE: ns, META_KIND: "cancel"},
+    )
 
 
 def _storage(settings: Settings) -> js_api.StorageType:

@@ -285,3 +285,4 @@ def main() -> None:
 
 from taskframe import _cli_control as _cli_control  # noqa: E402  (registers its commands)
 from taskframe import _cli_inspect as _cli_inspect  # noqa: E402
+from taskframe import _cli_tasks as _cli_tasks  # noqa: E402

@@ -24,8 +24,10 @@ from pydantic import TypeAdapter
 from taskframe import _control, _deadletters, hooks, provision
 from taskframe import _topology as topology
 from taskframe import _wire as wire
+from taskframe._cancels import request_cancel
 from taskframe._connection import open_connection
 from taskframe._deadletters import DeadLetter
+from taskframe._enqueue import store_task
 from taskframe._publish import (
     check_size,
     publish_stored,
@@ -34,7 +36,7 @@ from taskframe._publish import (
     unconfirmed,
 )
 from taskframe._queues import QueueInfo, queue_infos
-from taskframe._results import TaskStatus, read_status
+from taskframe._results import Progress, TaskStatus, read_progress, read_status
 from taskframe._retry import answered
 from taskframe._taskrun import TaskRun
 from taskframe._waiting import wait_final
@@ -178,24 +180,6 @@ class Client:
         run.duplicate = duplicate
         return run
 
-    async def _publish(
-        self, queue: str, subject: str, body: bytes, headers: dict[str, str]
-    ) -> bool:
-        """Store one task message; True if the server reported it a duplicate."""
-        for attempt in range(self.settings.publish_attempts):
-            try:
-                ack = await publish_stored(self.nc, self.settings, subject, body, headers)
-                return bool(ack.duplicate)
-            except StreamMissingError:
-                # No stream listened: the queue is new, or (in a cluster) its stream is
-                # electing a leader. Create or check it, then send again (same message id).
-                try:
-                    await provision.ensure_queue(self.js, self.settings, queue)
-                except ConnectError as exc:
-                    if attempt == self.settings.publish_attempts - 1:
-                        raise PublishError(f"no stream took {subject}: {exc}") from exc
-        raise PublishError(f"no stream took {subject} after {attempt + 1} attempts")
-
     async def enqueue(
         self,
         task: Task[R],
@@ -226,7 +210,9 @@ class Client:
         try:
             subject, body, headers, task_id = self._prepare(task, key, priority, run_at, seen)
             try:
-                duplicate = await self._publish(type(task).__tf_queue__, subject, body, headers)
+                duplicate = await store_task(
+                    self.nc, self.js, self.settings, type(task).__tf_queue__, subject, body, headers
+                )
             except StoreFullError as exc:
                 raise exc.for_tasks((task_id,)) from exc
         except BaseException as exc:
@@ -331,14 +317,40 @@ class Client:
         its task keeps no results, or the id was never enqueued. Raises `ConnectError` if
         JetStream does not answer (a cluster without a quorum).
         """
-        if not self._results_exist:  # checked once: direct gets need the stream
+        if not await self._results_stream():
+            return None
+        return await read_status(self.js, self.namespace, task_id)
+
+    async def _results_stream(self) -> bool:
+        """Whether the results stream exists (checked until it does): direct gets need it."""
+        if not self._results_exist:
             stream = topology.results_stream(self.namespace)
             try:
                 await answered(f"stream {stream}", self.js.stream_info, stream)
             except NotFoundError:
-                return None
+                return False
             self._results_exist = True
-        return await read_status(self.js, self.namespace, task_id)
+        return True
+
+    async def progress(self, task_id: str) -> Progress | None:
+        """The last progress `task_id` reported (`Context.progress`), or None if none."""
+        if not await self._results_stream():
+            return None
+        return await read_progress(self.js, self.namespace, task_id)
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel task `task_id`: it will not run, or its running handler is stopped.
+
+        A waiting or delayed task is removed from its queue; a running one is cancelled
+        (its asyncio task) within moments on whichever worker runs it, and not retried. Its
+        final status is `cancelled`, and `TaskRun.result()` raises `TaskCancelledError`.
+        The request is kept `result_ttl`: a delivery of this id within that time is
+        dropped unrun. Returns False, changing nothing, if the task already finished (it
+        has a final status) or is not known: no status and no waiting or delayed message
+        carries its id. A plain `def` handler cannot be stopped in its thread: its outcome
+        is dropped. A task that finishes as the request arrives keeps its own outcome.
+        """
+        return await request_cancel(self, task_id)
 
     async def wait(self, task_id: str, timeout: float | None) -> TaskStatus:
         """Wait until `task_id` reaches a final state and return that status."""

@@ -7,6 +7,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
+from taskframe import _topology as topology
+from taskframe._progress import Reporter
+
 if TYPE_CHECKING:
     from taskframe._taskrun import TaskRun
     from taskframe.client import Client
@@ -25,6 +28,7 @@ class Context:
         "_headers",
         "_heartbeat",
         "_log",
+        "_reporter",
         "attempt",
         "max_attempts",
         "queue",
@@ -56,6 +60,7 @@ class Context:
         self._client = client
         self._heartbeat = heartbeat
         self._headers = headers
+        self._reporter: Reporter | None = None
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -82,6 +87,20 @@ class Context:
         at once, for example right after a long blocking step.
         """
         await self._heartbeat()
+
+    async def progress(
+        self, done: float, total: float | None = None, note: str | None = None
+    ) -> None:
+        """Report how far the task has got: `done` out of `total`, with an optional note.
+
+        Readable by anyone with `TaskRun.progress()` / `Client.progress(id)`. Cheap to call
+        often: at most one report every 0.5 s is written to the broker, and the last one is
+        always written (when the interval is up, or when the attempt ends).
+        """
+        if self._reporter is None:
+            subject = topology.report_subject(self._client.namespace, self.task_id)
+            self._reporter = Reporter(self._client.nc, subject, self.attempt)
+        await self._reporter.report(done, total, note)
 
     async def enqueue(
         self,

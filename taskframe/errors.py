@@ -10,6 +10,7 @@
         StoreFullError         no room: the server's, the account's or the stream's store is full
         StreamMissingError     no stream stores the subject
       TaskFailed           a task ended without a result (failed or dead)
+        TaskCancelledError     it was cancelled (`Client.cancel`) before it finished
       ResultTimeoutError   no result arrived within the time asked for
       AttemptTimeoutError  a handler ran past its timeout (recorded as the attempt's error)
 
@@ -142,6 +143,17 @@ class TaskFailed(TaskframeError):
         super().__init__(
             f"task {task_id} {state} after {attempts} attempt(s): {error_type}: {message}"
         )
+
+
+class TaskCancelledError(TaskFailed):
+    """The task was cancelled before it finished: it did not run, or its handler was stopped.
+
+    A `TaskFailed` (its `state` is "cancelled"), so code that handles a task ending
+    without a result handles this too, and may tell it apart.
+    """
+
+    def __init__(self, task_id: str, attempts: int = 0) -> None:
+        super().__init__(task_id, "Cancelled", "cancelled on request", attempts, "cancelled")
 
 
 class ResultTimeoutError(TaskframeError, TimeoutError):

@@ -197,6 +197,7 @@ async def ensure_lanes(
 
 
 async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update the namespace's dead-letter stream and results bucket."""
+    """Create or update the namespace's dead-letter stream, results bucket and cancel requests."""
     await ensure_stream(js, topology.dead_config(settings))
     await ensure_stream(js, topology.results_config(settings))
+    await ensure_stream(js, topology.cancels_config(settings))

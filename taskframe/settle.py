@@ -3,7 +3,8 @@
 Each message ends in exactly one of:
     ack      the handler returned and its result (if the task keeps results) is stored
     nak      the attempt failed and attempts remain: redelivered after the backoff delay
-    term     after its dead letter was stored: bad payload, unknown task, last attempt failed
+    term     after its dead letter was stored: bad payload, unknown task, last attempt failed;
+             or after its `cancelled` record was stored (_attempt.py: cancelled on request)
     nothing  the worker lost its lease (paused or cut off longer than `ack_wait`); the
              server has redelivered the task to another worker, and JetStream would honour
              a stale ack, so this worker keeps its hands off

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.msg import Msg
@@ -138,7 +138,7 @@ class Worker:
         lent = [hook for hook in self.app.hooks if hook not in self.client.hooks]
         self.client.hooks.extend(lent)  # ctx.enqueue goes through this client
         try:
-            if not await self._provision_when_possible():
+            if not await self._provision_when_possible(attempts.cancels.start):
                 return  # stopped before JetStream answered
             async with asyncio.TaskGroup() as group:
                 for routes in app_routes(self.app, self._settings, self.queues, self.groups):
@@ -164,6 +164,7 @@ class Worker:
         except* _Stopped:
             pass
         finally:
+            await attempts.cancels.stop()
             self.ready.clear()
             for hook in lent:
                 self.client.hooks.remove(hook)
@@ -175,8 +176,9 @@ class Worker:
             threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker stopped: %r", self)
 
-    async def _provision_when_possible(self) -> bool:
-        """`provision()`, again while JetStream does not answer; False if stopped meanwhile.
+    async def _provision_when_possible(self, then: Callable[[], Awaitable[None]]) -> bool:
+        """`provision()` and `then()` (hear cancel requests), again while JetStream does not
+        answer; False if stopped meanwhile.
 
         A worker may start while its cluster has no quorum or elects a leader: it waits for
         JetStream instead of exiting. A refused permission or a conflicting setting fails.
@@ -185,6 +187,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 await provision(self.app, self.client, queues=self.queues, groups=self.groups)
+                await then()
                 return True
             except PayloadTooLargeError:
                 raise

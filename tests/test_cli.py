@@ -59,6 +59,7 @@ COMMANDS = [
         (("queues",), ["--namespace", "--url", "--json"]),
         (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--task", "--id", "--json"]),
         (("schedules",), ["--namespace", "--url", "--json"]),
+        (("cancel",), ["--namespace", "--url", "TASK_ID"]),
     ],
     ids=[
         "taskframe",
@@ -70,6 +71,7 @@ COMMANDS = [
         "queues",
         "dead",
         "schedules",
+        "cancel",
     ],
 )
 async def test_help_of_each_command_exits_0_and_names_its_options(
@@ -324,3 +326,18 @@ async def test_worker_processes_share_the_work_are_restarted_and_stop_on_sigterm
         return False
 
     await eventually(lambda: all(gone(pid) for pid in survivors | children), "every child to exit")
+
+
+async def test_cancel_exits_0_once_then_1_and_1_for_an_unknown_task(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    run = await client.enqueue(Work(seconds=1.0))
+    command = (*TASKFRAME, "cancel", "--namespace", client.namespace, "--url", nats_server.url)
+    first = await procs.run(*command, run.id)
+    assert (first.returncode, first.stdout.strip()) == (0, f"cancelled {run.id}"), first.stderr
+    assert (await run.status()).state is TaskState.CANCELLED
+    again = await procs.run(*command, run.id)
+    assert again.returncode == 1
+    assert "already finished, or is not known" in again.stderr
+    unknown = await procs.run(*command, str(uuid.uuid4()))
+    assert unknown.returncode == 1

@@ -17,12 +17,15 @@ from taskframe import (
     PayloadTooLargeError,
     QueueInfo,
     ResultTimeoutError,
+    Retry,
     Task,
+    TaskCancelledError,
     TaskState,
     connect,
     provision,
 )
 from taskframe import _topology as topology
+from taskframe import _wire as wire
 from taskframe._publish import publish_stored
 from taskframe._results import status_record
 from taskframe.testing import NatsServer, eventually, running_worker
@@ -333,3 +336,82 @@ async def test_a_non_ascii_error_reads_back_as_written_and_replays(client: Clien
     assert all(isinstance(value, str) for value in letter.headers.values())
     await client.replay(letter)
     assert (await run.status()).state is TaskState.QUEUED
+
+
+class Nap(Task[str], queue="naps"):
+    """Sleeps a minute unless `fail_first`, which retries its first attempt after 1 s."""
+
+    fail_first: bool = False
+
+
+def nap_app(namespace: str, started: list[str]) -> App:
+    app = App(namespace)
+
+    @app.handle(Nap)
+    async def nap(job: Nap, ctx: Context) -> str:
+        started.append(ctx.task_id)
+        if job.fail_first and ctx.attempt == 1:
+            raise Retry(delay=1.0)
+        if not job.fail_first:
+            await asyncio.sleep(60)
+        return "woke"
+
+    return app
+
+
+async def test_cancel_stops_a_running_handler_on_the_worker_holding_it_for_good(
+    client: Client, nats_server: NatsServer
+) -> None:
+    started: list[str] = []
+    app = nap_app(client.namespace, started)
+    ns, url = client.namespace, nats_server.url
+    async with (
+        connect(url, namespace=ns, ack_wait=1.0) as one,
+        connect(url, namespace=ns, ack_wait=1.0) as two,
+        running_worker(app, one) as first,
+        running_worker(app, two) as second,
+    ):
+        run = await client.enqueue(Nap())
+        await eventually(lambda: started, "the handler to start")
+        holder = first if first.stats.running else second
+        began = time.monotonic()
+        assert await run.cancel() is True
+        await eventually(lambda: holder.stats.cancelled == 1, "the attempt to stop", timeout=1.0)
+        assert time.monotonic() - began < 1.0
+        with pytest.raises(TaskCancelledError) as caught:
+            await run.result(timeout=5)
+        assert caught.value.state == "cancelled"
+        await asyncio.sleep(2.5)  # over two ack_waits: a message left unsettled comes back
+        assert started == [run.id]
+        assert (first.stats.running, second.stats.running) == (0, 0)
+        assert first.stats.cancelled + second.stats.cancelled == 1
+    assert (await run.status()).state is TaskState.CANCELLED
+    assert await run.cancel() is False  # finished: nothing to cancel
+
+
+async def test_a_cancelled_waiting_delayed_or_retrying_task_never_runs(
+    client: Client, nats_server: NatsServer
+) -> None:
+    started: list[str] = []
+    app = nap_app(client.namespace, started)
+    retrying = await client.enqueue(Nap(fail_first=True))
+    async with running_worker(app, client) as early:
+        await eventually(lambda: early.stats.retried == 1, "its first attempt to fail")
+    waiting = await client.enqueue(Nap())
+    delayed = await client.enqueue(Nap(), delay=0.5)
+    control = await client.enqueue(Nap(fail_first=True), delay=0.5)
+    for run in (waiting, delayed, retrying):
+        assert await run.cancel() is True
+    async with (
+        connect(nats_server.url, namespace=client.namespace) as late,
+        running_worker(app, late) as worker,  # started after the cancel requests
+    ):
+        assert await control.result(timeout=10) == "woke"  # due after the delayed one
+        await eventually(lambda: worker.stats.cancelled == 1, "the retry to be dropped")
+    assert started == [retrying.id, control.id, control.id]
+    for run in (waiting, delayed, retrying):
+        assert (await run.status()).state is TaskState.CANCELLED
+        with pytest.raises(TaskCancelledError):
+            await run.result(timeout=1)
+    assert [(q.waiting, q.in_flight) for q in await client.queues()] == [(0, 0)]
+    assert await client.cancel(wire.new_task_id()) is False  # never enqueued

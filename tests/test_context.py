@@ -1,13 +1,14 @@
 """The Context a handler gets (taskframe.context): who it is running, a logger that says
 so, a heartbeat the server hears, and the worker's connection to enqueue and publish."""
 
+import asyncio
 import logging
 
 import pytest
 
-from taskframe import App, Client, Context, Event, Retry, Task
+from taskframe import App, Client, Context, Event, Retry, Task, connect
 from taskframe import _topology as topology
-from taskframe.testing import eventually, running_worker
+from taskframe.testing import NatsServer, eventually, running_worker
 from tests.faultkit import AckTap
 
 
@@ -78,3 +79,42 @@ async def test_a_handler_sees_its_run_and_reaches_the_broker_through_its_context
     again = await client.enqueue(Followed(parent=run.id), key=f"after-{run.id}")
     assert again.duplicate  # the handler's key was used
     assert again.id == follow_up
+
+
+class Count(Task[int], queue="ctx-progress"):
+    to: int
+
+
+async def test_progress_is_seen_from_another_client_and_a_tight_loop_writes_a_handful(
+    client: Client, nats_server: NatsServer
+) -> None:
+    release = asyncio.Event()
+    app = App(client.namespace)
+
+    @app.handle(Count)
+    async def count(job: Count, ctx: Context) -> int:
+        await ctx.progress(0, job.to, note="starting")
+        await release.wait()
+        for done in range(1, job.to + 1):
+            await ctx.progress(done, job.to)
+        return job.to
+
+    run = await client.enqueue(Count(to=10_000))
+    writes = await client.nc.subscribe(topology.report_subject(client.namespace, run.id))
+    assert await run.progress() is None
+    async with (
+        connect(nats_server.url, namespace=client.namespace) as own,
+        running_worker(app, own),
+    ):
+        first = await eventually(run.progress, "the first report")
+        assert first is not None
+        assert (first.done, first.total, first.note, first.attempt) == (0, 10_000, "starting", 1)
+        release.set()
+        assert await run.result(timeout=5) == 10_000
+    last = await run.progress()
+    assert last is not None
+    assert (last.done, last.total, last.note) == (10_000, 10_000, None)
+    await client.nc.flush()
+    written = writes.pending_msgs
+    await writes.unsubscribe()
+    assert 2 <= written <= 4  # the first, the last, and one per 0.5 s between
