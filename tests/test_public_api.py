@@ -82,6 +82,7 @@ PUBLIC_MODULES = [
     "settings",
     "settle",
     "testing",
+    "tracing",
     "worker",
 ]
 
