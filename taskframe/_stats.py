@@ -17,5 +17,7 @@ class WorkerStats:
     """Exactly-once tasks acked without running because they had completed before."""
     cancelled: int = 0  # on request (`Client.cancel`): stopped while running, or never run
     running: int = 0
+    started: int = 0
+    """Attempts started (tasks and events), whatever their outcome."""
     confirming: int = 0
     """Tasks done whose ack waits for the server to confirm storing their status record."""

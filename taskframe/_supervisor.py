@@ -4,7 +4,10 @@ A child that dies after it became ready (say, a task that crashes the interprete
 restarted at once: the task itself ends in the dead-letter stream once its attempts are
 used up. A child that dies before it is ready (a bad URL, a provisioning conflict) is
 restarted with a growing delay, and after ten such deaths in a row the supervisor gives up.
-Children say they are ready by writing one byte to a pipe the supervisor gives them.
+A child that exits with `RECYCLED` reached a recycling limit (see _recycle.py) and drained:
+it is replaced at once, as planned, not as a crash.
+Children talk to the supervisor through a pipe it gives them: one byte when they are ready,
+then, if they are recycled, why.
 """
 
 from __future__ import annotations
@@ -20,19 +23,46 @@ from collections.abc import Callable
 log = logging.getLogger("taskframe._supervisor")
 
 READY_FD = "TASKFRAME_READY_FD"
+RECYCLED = 75
+"""The exit code of a worker process that stopped at a recycling limit (sysexits'
+EX_TEMPFAIL: "try again", which is what the supervisor does)."""
 _GIVE_UP = 10
+_READY = b"1"
 
 
-def announce_ready() -> None:
-    """Tell the supervising process this worker is ready; nothing when not supervised."""
-    fd = os.environ.pop(READY_FD, None)
-    if fd is None:
-        return
-    try:
-        os.write(int(fd), b"1")
-        os.close(int(fd))
-    except (OSError, ValueError):  # the supervisor is gone; nothing to tell
-        pass
+class Supervisor:
+    """This process's line to the `taskframe worker` that supervises it, if one does."""
+
+    def __init__(self) -> None:
+        fd = os.environ.pop(READY_FD, "")  # not handed on to what this process starts
+        self._fd = int(fd) if fd.isdigit() else None
+        if self._fd is not None:
+            try:
+                os.set_inheritable(self._fd, False)
+            except OSError:  # not an open file: whoever set the variable is not listening
+                self._fd = None
+
+    @property
+    def present(self) -> bool:
+        """Whether a supervisor started this process (and so replaces it when recycled)."""
+        return self._fd is not None
+
+    def ready(self) -> None:
+        """Tell the supervisor this worker is ready."""
+        self._say(_READY)
+
+    def recycled(self, why: str) -> None:
+        """Tell the supervisor why this worker stops (it then exits with `RECYCLED`)."""
+        self._say(why.encode())
+
+    def _say(self, what: bytes) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, what)
+        except OSError:  # the supervisor is gone; nothing to tell
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Child:
@@ -44,18 +74,29 @@ class _Child:
         os.close(write)
         os.set_blocking(read, False)
         self._pipe: int | None = read
-        self.ready = False
+        self._said = b""
         self.reported = False
 
+    @property
+    def ready(self) -> bool:
+        """Whether the child said it is ready."""
+        return self._said.startswith(_READY)
+
+    @property
+    def why(self) -> str:
+        """What the child said after it was ready: why it was recycled."""
+        return self._said[len(_READY) :].decode(errors="replace")
+
     def poll(self) -> bool:
-        """Whether the child still runs; notes when it became ready."""
-        if not self.ready and self._pipe is not None:
+        """Whether the child still runs; reads what it said meanwhile."""
+        alive = self.process.poll() is None  # before reading: a child that exited said it all
+        if self._pipe is not None:
             with contextlib.suppress(BlockingIOError):
-                self.ready = os.read(self._pipe, 1) == b"1"
-        alive = self.process.poll() is None
-        if not alive and self._pipe is not None:
-            os.close(self._pipe)
-            self._pipe = None
+                while chunk := os.read(self._pipe, 4096):
+                    self._said += chunk
+            if not alive:
+                os.close(self._pipe)
+                self._pipe = None
         return alive
 
 
@@ -90,6 +131,14 @@ def supervise(
             if alive[index] or stopping:
                 continue
             early_deaths = 0 if child.ready else early_deaths + 1
+            if child.process.returncode == RECYCLED and child.ready:
+                log.info(
+                    "worker process %d recycled: %s; starting a replacement",
+                    child.process.pid,
+                    child.why or "it reached a limit",
+                )
+                children[index] = _Child(command)
+                continue
             if early_deaths >= _GIVE_UP:
                 log.error("worker processes keep dying before they are ready; giving up")
                 forward(signal.SIGTERM, None)
@@ -106,7 +155,9 @@ def supervise(
             if not stopping:
                 children[index] = _Child(command)
         time.sleep(0.2)
-    return max(child.process.returncode for child in children)
+    # A child still starting when the signal came had no handler for it yet, and died of it.
+    clean = (RECYCLED, -signal.SIGTERM, -signal.SIGINT)
+    return max(0 if c.process.returncode in clean else c.process.returncode for c in children)
 
 
 def _sleep_unless(stop: Callable[[], bool], seconds: float) -> None:

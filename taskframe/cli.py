@@ -24,9 +24,10 @@ import typer
 
 from taskframe._cli_common import Url, cli, run_command
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
+from taskframe._recycle import serve
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
-from taskframe._supervisor import announce_ready, supervise
+from taskframe._supervisor import RECYCLED, Supervisor, supervise
 from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
@@ -76,6 +77,20 @@ def worker(
     grace: Annotated[
         float, typer.Option(help="Seconds running tasks get to finish after SIGTERM.")
     ] = 30.0,
+    max_tasks: Annotated[
+        int | None,
+        typer.Option(
+            "--max-tasks-per-process",
+            min=1,
+            help="Replace a worker process once it has started this many tasks.",
+        ),
+    ] = None,
+    max_memory_mb: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Replace a worker process once its memory (RSS) is above this many MiB."
+        ),
+    ] = None,
     url: Url = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
     metrics_port: Annotated[
@@ -89,11 +104,14 @@ def worker(
     _logging(log_level)
     the_app = load_app(app)
     metrics = _metrics() if metrics_port is not None or metrics_child else None
-    if processes > 1:
+    supervisor = Supervisor()  # recycling needs one: then even a single process gets one
+    if not supervisor.present and (processes > 1 or max_tasks or max_memory_mb):
         command = [sys.executable, "-m", "taskframe", "worker", app, "-c", str(concurrency)]
         command += ["--grace", str(grace), "--log-level", log_level]
         command += [f"--queue={q}" for q in queue or []]
         command += [f"--url={url}"] if url else []
+        command += [f"--max-tasks-per-process={max_tasks}"] if max_tasks else []
+        command += [f"--max-memory-mb={max_memory_mb}"] if max_memory_mb else []
         if metrics is None or metrics_port is None:
             raise typer.Exit(supervise(command, processes))
         try:
@@ -109,26 +127,28 @@ def worker(
     if metrics is not None:  # a pool's child writes for its supervisor, registered nowhere
         registry = None if metrics_child else metrics.CollectorRegistry()
         the_app.add_hook(metrics.Metrics(registry))
+    why: str | None = None
 
     async def main() -> None:
+        nonlocal why
         client = await _wait_for_server(url, the_app.namespace)
         stop_serving = None
         if metrics is not None and registry is not None and metrics_port is not None:
             stop_serving = metrics.serve_worker(registry, client, metrics_port, metrics_host)
         try:
-            running = Worker(the_app, client, queues=queue, concurrency=concurrency, grace=grace)
-            ready = asyncio.create_task(running.ready.wait())
-            ready.add_done_callback(lambda _: announce_ready())
-            try:
-                await running.run(handle_signals=True)
-            finally:
-                ready.cancel()
+            running = Worker(
+                the_app, client, queues=queue, concurrency=concurrency, grace=grace,
+                max_tasks=max_tasks,
+            )  # fmt: skip
+            why = await serve(running, supervisor, max_memory_mb)
         finally:
             if stop_serving is not None:
                 await asyncio.to_thread(stop_serving)
             await client.close()
 
     run_command(main())
+    if why is not None:
+        raise typer.Exit(RECYCLED)
 
 
 def _metrics() -> Any:

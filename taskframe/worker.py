@@ -61,6 +61,7 @@ class Worker:
             runner has moved on.
         grace: seconds running tasks get to finish after `stop()`, and finished ones to have
             their record confirmed and be acked; the rest are handed back.
+        max_tasks: stop by itself, as `stop()` does, once it has started this many attempts.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class Worker:
         concurrency: int = 64,
         prefetch: int | None = None,
         grace: float = 30.0,
+        max_tasks: int | None = None,
     ) -> None:
         if app.namespace != client.namespace:
             raise ConfigError(
@@ -87,13 +89,14 @@ class Worker:
             raise ConfigError(f"no handlers for queue(s) {sorted(unknown)} in {app!r}")
         if not self.queues and not self.groups:
             raise ConfigError(f"{app!r} has no handlers or subscribers: nothing to run")
-        if concurrency < 1:
-            raise ConfigError("concurrency must be at least 1")
+        if min(concurrency, 1 if max_tasks is None else max_tasks) < 1:
+            raise ConfigError("concurrency and max_tasks must be at least 1")
         self.concurrency = concurrency
         self.prefetch = min(concurrency, 64) if prefetch is None else prefetch
         """The prefetch; the least it adapts to when none was given."""
         self._adaptive = prefetch is None
         self.grace = grace
+        self.max_tasks = max_tasks
         self.stats = WorkerStats()
         self._settings = client.settings
         self._stop = asyncio.Event()  # asyncio events bind to a loop on first use, not here
@@ -292,7 +295,10 @@ class Worker:
 
     def _started(self) -> None:
         self.stats.running += 1
+        self.stats.started += 1
         self._idle.clear()
+        if self.stats.started == self.max_tasks:
+            self.stop()
 
     def _finished(self) -> None:
         self.stats.running -= 1

@@ -61,7 +61,14 @@ class Poison(Task[None], queue="poison"):
     """Kills the worker process that runs it, on every delivery."""
 
 
+class Hog(Task[str], queue="work"):
+    """Allocates `mib` MiB and keeps it as long as its process lives: a leak, to recycle."""
+
+    mib: int = 0
+
+
 POISON_ATTEMPTS = 2
+_hoard: list[bytes] = []
 
 
 def build_app(namespace: str, journal: Journal | None) -> App:
@@ -110,6 +117,13 @@ def build_app(namespace: str, journal: Journal | None) -> App:
     async def poison(job: Poison, ctx: Context) -> None:
         note("start", ctx)
         os._exit(1)  # no cleanup, no settle: what a segfault in a C extension looks like
+
+    @app.handle(Hog)
+    async def hog(job: Hog, ctx: Context) -> str:
+        note("start", ctx)
+        _hoard.append(b"x" * (job.mib * 2**20))  # written, so resident
+        note("done", ctx)
+        return ctx.task_id
 
     @app.handle(Other, timeout=60.0)
     async def other(job: Other, ctx: Context) -> str:

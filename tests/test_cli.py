@@ -6,6 +6,7 @@ import re
 import signal
 import socket
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import nats
@@ -14,7 +15,7 @@ import pytest
 from taskframe import App, Client, Context, TaskState, connect, provision
 from taskframe._topology import WORKERS, dead_stream, queue_stream, results_stream
 from taskframe.testing import NatsServer, eventually, running_worker
-from tests.fault_apps import Fail, Other, Work, build_app
+from tests.fault_apps import Fail, Hog, Other, Work, build_app
 from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Procs
 
 
@@ -51,7 +52,13 @@ COMMANDS = [
     ("command", "mentions"),
     [
         ((), COMMANDS),
-        (("worker",), ["--concurrency", "--processes", "--grace", "--queue", "--url"]),
+        (
+            ("worker",),
+            [
+                *("--concurrency", "--processes", "--grace", "--queue", "--url"),
+                *("--max-tasks-per-process", "--max-memory-mb"),
+            ],
+        ),
         (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
         (("server",), ["--port", "--store", "--config", "./nats.conf"]),
         (("enqueue",), ["--key", "--wait", "--url", "payload"]),
@@ -341,3 +348,55 @@ async def test_cancel_exits_0_once_then_1_and_1_for_an_unknown_task(
     assert "already finished, or is not known" in again.stderr
     unknown = await procs.run(*command, str(uuid.uuid4()))
     assert unknown.returncode == 1
+
+
+async def test_worker_processes_are_recycled_after_max_tasks_losing_and_repeating_none(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    supervisor = procs.spawn(
+        *TASKFRAME, "worker", APP, "--url", nats_server.url, "--processes", "2",
+        "--concurrency", "2", "--max-tasks-per-process", "20", "--grace", "5", ack_wait=None,
+    )  # fmt: skip
+    await supervisor.wait_log("worker ready", count=2)
+    runs = await client.enqueue_many(Work() for _ in range(100))
+    assert [await r.result(timeout=20) for r in runs] == [r.id for r in runs]
+    for run in runs:
+        assert (procs.journal.count("start", run.id), procs.journal.count("done", run.id)) == (1, 1)
+    per_process = Counter(e.pid for e in procs.journal.entries("start"))
+    assert max(per_process.values()) <= 20
+    recycled = re.findall(
+        r"worker process (\d+) recycled: it started 20 tasks \(--max-tasks-per-process 20\); "
+        "starting a replacement",
+        supervisor.text(),
+    )
+    assert len(recycled) >= 4
+    assert all(per_process[int(pid)] == 20 for pid in recycled)
+    supervisor.signal(signal.SIGTERM)
+    assert await supervisor.wait_exit() == 0
+
+
+async def test_a_worker_process_past_max_memory_is_recycled_and_loses_no_task(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    supervisor = procs.spawn(
+        *TASKFRAME, "worker", APP, "--url", nats_server.url, "--concurrency", "2",
+        "--max-memory-mb", "100", ack_wait=None,
+    )  # fmt: skip
+    await supervisor.wait_log("worker ready")
+    hog = await client.enqueue(Hog(mib=96))
+    runs = await client.enqueue_many(Work(seconds=0.05) for _ in range(20))
+    await supervisor.wait_log(
+        r"worker process \d+ recycled: its memory is \d+ MiB, above --max-memory-mb 100; "
+        "starting a replacement"
+    )
+    [hogger] = {e.pid for e in procs.journal.entries("done", hog.id)}
+    assert f"worker process {hogger} recycled" in supervisor.text()
+    await supervisor.wait_log("worker ready", count=2)
+    more = await client.enqueue_many(Work() for _ in range(5))
+    everything = [hog, *runs, *more]
+    assert [await r.result(timeout=10) for r in everything] == [r.id for r in everything]
+    for run in everything:
+        assert (procs.journal.count("start", run.id), procs.journal.count("done", run.id)) == (1, 1)
+    assert hogger not in {e.pid for r in more for e in procs.journal.entries("done", r.id)}
+    supervisor.signal(signal.SIGTERM)
+    assert await supervisor.wait_exit() == 0

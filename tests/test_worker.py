@@ -146,6 +146,20 @@ async def test_a_worker_refuses_what_it_cannot_run(client: Client) -> None:
         Worker(App(client.namespace), client)
     with pytest.raises(ConfigError, match="concurrency"):
         Worker(build(client.namespace), client, concurrency=0)
+    with pytest.raises(ConfigError, match="max_tasks"):
+        Worker(build(client.namespace), client, max_tasks=0)
+
+
+async def test_a_worker_with_max_tasks_starts_that_many_then_stops_by_itself(
+    client: Client,
+) -> None:
+    runs = await client.enqueue_many(Add(a=i, b=1) for i in range(8))
+    app = build(client.namespace)
+    limited = Worker(app, client, queues=["math"], concurrency=2, max_tasks=3)
+    await asyncio.wait_for(limited.run(), 10)
+    assert (limited.stats.started, limited.stats.succeeded) == (3, 3)
+    async with running_worker(app, client, queues=["math"]):  # takes what it handed back
+        assert [await r.result(timeout=10) for r in runs] == [i + 1 for i in range(8)]
 
 
 async def test_worker_repr_reads_well(client: Client) -> None:
