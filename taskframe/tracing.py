@@ -48,8 +48,7 @@ class Tracing(Hook):
         span = self._tracer.start_span(
             f"{info.name} publish",
             kind=SpanKind.PRODUCER,
-            attributes=_attributes(info.namespace, info.queue, info.name, info.task_id)
-            | {"messaging.operation.type": "publish"},
+            attributes=_attributes(info.queue or info.name, info.task_id),
         )
         propagate.inject(info.headers, context=trace.set_span_in_context(span))
         self._enqueuing[id(info)] = span
@@ -68,17 +67,10 @@ class Tracing(Hook):
         """Open the CONSUMER span, a child of the context in the message's headers, and make
         it current for the handler."""
         parent = propagate.extract(dict(attempt.headers))
+        attributes = _attributes(attempt.queue or attempt.group, attempt.task_id)
+        attributes["taskframe.attempt"] = attempt.attempt
         span = self._tracer.start_span(
-            f"{attempt.name} process",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=_attributes(attempt.namespace, attempt.queue, attempt.name, attempt.task_id)
-            | {
-                "messaging.operation.type": "process",
-                "taskframe.attempt": attempt.attempt,
-                "taskframe.max_attempts": attempt.max_attempts,
-                "taskframe.queued_seconds": attempt.queued,
-            },
+            f"{attempt.name} process", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
         token = context.attach(trace.set_span_in_context(span))
         attempt.scratch[_KEY] = (span, token)
@@ -100,12 +92,10 @@ class Tracing(Hook):
         context.detach(token)
 
 
-def _attributes(namespace: str, queue: str, name: str, task_id: str) -> dict[str, Any]:
+def _attributes(destination: str, task_id: str) -> dict[str, Any]:
+    # Few attributes: the SDK checks each one, and that is most of a span's cost.
     return {
         "messaging.system": "nats",
-        "messaging.destination.name": queue or name,
-        "messaging.message.id": task_id,
-        "taskframe.namespace": namespace,
-        "taskframe.task": name,
+        "messaging.destination.name": destination,
         "taskframe.task_id": task_id,
     }
