@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from taskframe import _inbound as inbound
+from taskframe import _logs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._claims import Claim, Claims, Outcome
@@ -79,6 +80,10 @@ class Attempts:
         else:
             arrival = inbound.event(msg.subject, msg.headers, f"event-{seq}")
         name, task_id = arrival.name, arrival.task_id
+        trace = _logs.trace_id(msg.headers)
+        lease.fields = _logs.task_fields(
+            name, task_id, attempt, queue=route.queue, group=route.group, trace=trace
+        )
         if arrival.problem:  # what its producer sent cannot go in a subject or a key: buried
             error = ErrorInfo(type="InvalidMessage", message=arrival.problem)
             await bury(lease, route, name, task_id, attempt, "invalid", error, True)
@@ -138,6 +143,7 @@ class Attempts:
             task_id,
             attempt,
             started or "none",
+            extra=lease.fields,
         )
         return False
 
@@ -215,6 +221,7 @@ class Attempts:
             max_attempts=handler.max_attempts,
             client=self._client,
             heartbeat=functools.partial(self._leases.renew, lease),
+            trace_id=(lease.fields or {}).get("trace_id"),
         )
         if keeps:
             # Built and written by the lease keeper once the attempt has run a while: most
@@ -250,7 +257,8 @@ class Attempts:
             )
         claims, claim = self._claims, lease.claim
         if claims is not None and claim is not None and not await claims.complete(claim, record):
-            log.warning("claim on %s %s was lost while it ran: not acking", name, task_id)
+            message = "claim on %s %s was lost while it ran: not acking"
+            log.warning(message, name, task_id, extra=lease.fields)
             self._stats.lost += 1
             return
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
+from taskframe._logs import LogFormat, configure
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
 from taskframe._supervisor import announce_ready, supervise
@@ -67,13 +68,6 @@ def load_app(ref: str) -> App:
     return app
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s",
-    )
-
-
 def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         asyncio.run(coro)
@@ -99,13 +93,16 @@ def worker(
     ] = 30.0,
     url: Url = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "info",
+    log_format: Annotated[
+        LogFormat, typer.Option(help="text, or json: one JSON object per line.")
+    ] = LogFormat.TEXT,
 ) -> None:
     """Run a worker for APP until SIGTERM or Ctrl-C, then drain gracefully and exit 0."""
-    _logging(log_level)
+    configure(log_level, log_format)
     the_app = load_app(app)
     if processes > 1:
         command = [sys.executable, "-m", "taskframe", "worker", app, "-c", str(concurrency)]
-        command += ["--grace", str(grace), "--log-level", log_level]
+        command += ["--grace", str(grace), "--log-level", log_level, "--log-format", log_format]
         command += [f"--queue={q}" for q in queue or []]
         command += [f"--url={url}"] if url else []
         raise typer.Exit(supervise(command, processes))
@@ -368,3 +365,6 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
 def main() -> None:
     """Entry point of the `taskframe` console script."""
     cli()
+
+
+from taskframe import _cli_workers as _cli_workers  # noqa: E402  (registers `workers`)

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from taskframe._logs import task_fields
+
 if TYPE_CHECKING:
     from taskframe._taskrun import TaskRun
     from taskframe.client import Client
@@ -22,6 +24,7 @@ class Context:
         "_client",
         "_heartbeat",
         "_log",
+        "_trace_id",
         "attempt",
         "max_attempts",
         "queue",
@@ -39,6 +42,7 @@ class Context:
         max_attempts: int,
         client: Client,
         heartbeat: Callable[[], Awaitable[None]],
+        trace_id: str | None = None,
     ) -> None:
         self.task_id = task_id
         """The task's id (a UUIDv7 string, or derived from its idempotency key)."""
@@ -49,16 +53,20 @@ class Context:
         """This attempt's number, 1 for the first delivery."""
         self.max_attempts = max_attempts
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self._trace_id = trace_id
         self._client = client
         self._heartbeat = heartbeat
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry `task_id` and `task` (made on first use)."""
+        """A logger ("taskframe.task") whose records carry the attempt's `task`, `task_id`,
+        `attempt`, `queue` and, if the message has a `traceparent` header, `trace_id`, as
+        attributes: the CLI's text and JSON formats show them."""
         if self._log is None:
-            self._log = logging.LoggerAdapter(
-                _TASK_LOG, {"task_id": self.task_id, "task": self.task}
+            fields = task_fields(
+                self.task, self.task_id, self.attempt, queue=self.queue, trace=self._trace_id
             )
+            self._log = logging.LoggerAdapter(_TASK_LOG, fields)
         return self._log
 
     def __repr__(self) -> str:

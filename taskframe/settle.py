@@ -244,7 +244,8 @@ class Settler:
                         raise
                     tried = 0
         except Exception:
-            log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
+            subject, fields = lease.msg.subject, lease.fields
+            log.exception("message on %s not settled; redelivered later", subject, extra=fields)
         finally:
             self._done(confirmation)
 
@@ -357,6 +358,7 @@ class Settler:
             handler.max_attempts,
             error.type,
             delay,
+            extra=lease.fields,
         )
         if keeps:
             record = status_record(task_id, handler.name, TaskState.FAILED, attempt, error=error)
@@ -403,6 +405,7 @@ class Settler:
             attempt,
             error.type,
             error.message,
+            extra=lease.fields,
         )
         if keeps_result and route.queue and not stored.duplicate:
             record = status_record(

@@ -57,6 +57,13 @@ class BulkyQuiet(Task[None], queue="work", results=False):
     pad: str = ""
 
 
+class Logged(Task[str], queue="work"):
+    """Logs `note` through `ctx.log` (with an exception if `fail`); returns its task id."""
+
+    note: str = ""
+    fail: bool = False
+
+
 class Poison(Task[None], queue="poison"):
     """Kills the worker process that runs it, on every delivery."""
 
@@ -105,6 +112,12 @@ def build_app(namespace: str, journal: Journal | None) -> App:
     async def bulky_quiet(job: BulkyQuiet, ctx: Context) -> None:
         note("start", ctx)
         note("done", ctx)
+
+    @app.handle(Logged)
+    async def logged(job: Logged, ctx: Context) -> str:
+        error = ValueError(job.note) if job.fail else None
+        ctx.log.info("handling %s", job.note, exc_info=error)
+        return ctx.task_id
 
     @app.handle(Poison, max_attempts=POISON_ATTEMPTS)
     async def poison(job: Poison, ctx: Context) -> None:

@@ -40,6 +40,7 @@ PUBLIC = [
     "TaskRun",
     "TaskState",
     "TaskStatus",
+    "WorkerInfo",
     "connect",
     # Running
     "Settings",
