@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
+from taskframe._cli_base import Url, cli, run, table
 from taskframe._registry import WorkerInfo
-from taskframe.cli import Url, _run, _table, cli
 from taskframe.client import connect
 
 
@@ -33,11 +33,11 @@ def workers(
         if as_json:
             typer.echo(json.dumps([w.model_dump(mode="json") for w in found], indent=2))
             return
-        _table(_HEADER, [_row(w, datetime.now(UTC)) for w in found])
+        table(_HEADER, [_row(w, datetime.now(UTC)) for w in found])
         if not found:
             typer.echo(f"(no running workers in namespace {namespace})")
 
-    _run(main())
+    run(main())
 
 
 _HEADER = (

@@ -11,13 +11,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from taskframe._cli_base import Url, cli
+from taskframe._cli_base import run as _run
+from taskframe._cli_base import table as _table
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
 from taskframe._logs import LogFormat, configure
 from taskframe._retry import UNTIL_AVAILABLE
@@ -28,27 +31,10 @@ from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.provision import provision
 from taskframe.schedules import stored_schedules
-from taskframe.settings import DEFAULT_URL
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
 
-cli = typer.Typer(
-    name="taskframe",
-    help="Typed, asyncio-native tasks on NATS JetStream.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-Url = Annotated[
-    str | None,
-    typer.Option(
-        help=f"NATS URL(s), comma-separated; may carry credentials. Default: {DEFAULT_URL}.",
-        envvar="TASKFRAME_URL",
-        show_envvar=True,
-    ),
-]
 AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
 
 
@@ -66,14 +52,6 @@ def load_app(ref: str) -> App:
     if not isinstance(app, App):
         raise typer.BadParameter(f"{ref} is a {type(app).__name__}, not a taskframe App")
     return app
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    try:
-        asyncio.run(coro)
-    except TaskframeError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from exc
 
 
 @cli.command()
@@ -353,13 +331,6 @@ def list_schedules(
             typer.echo("(no periodic schedules on this server)")
 
     _run(main())
-
-
-def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def main() -> None:

@@ -244,8 +244,7 @@ class Settler:
                         raise
                     tried = 0
         except Exception:
-            subject, fields = lease.msg.subject, lease.fields
-            log.exception("message on %s not settled; redelivered later", subject, extra=fields)
+            log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
         finally:
             self._done(confirmation)
 
