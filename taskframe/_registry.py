@@ -5,9 +5,10 @@
 
 A worker writes its record when it is ready and every `worker_heartbeat` seconds after,
 and purges it when it exits. A worker that stops writing (killed, frozen, cut off) loses
-its record to the server's TTL within three heartbeats; one late write is not enough to
-drop it. Workers with different heartbeats share the bucket: each write carries its own
-TTL. The server's clock stamps each write: `WorkerInfo.last_seen` is that stamp.
+its record to the server's TTL within three heartbeats; a write half a heartbeat late does
+not drop it (docs/server-behaviour.md). Workers with different heartbeats share the
+bucket: each write carries its own TTL. The server's clock stamps each write:
+`WorkerInfo.last_seen` is that stamp.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskframe._registry")
 
 _LIVES = 2.5
-"""A record's TTL, in heartbeats: it outlives one missed write, and is gone within three."""
+"""A record's TTL, in heartbeats (rounded down to seconds: more than 1.5, at most 2.5)."""
 _PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-TTL": "1s"}
 
 

@@ -260,7 +260,7 @@ def claims_config(settings: Settings) -> js_api.StreamConfig:
 def workers_config(settings: Settings) -> js_api.StreamConfig:
     """The stream behind the worker registry: one record per worker, kept by its TTL.
 
-    Every record carries a per-message TTL a little under three of its worker's heartbeats,
+    Every record carries a per-message TTL of 2.5 of its worker's heartbeats (whole seconds),
     so the bucket needs no max_age, and workers with different heartbeats can share it.
     Storage follows `settings.storage` like every other bucket: in memory, a lone server's
     restart would remove the bucket itself, and a worker may lack the right to re-create it.

@@ -35,8 +35,14 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [
-        ((), ["worker", "server", "enqueue", "queues", "provision", "dead", "schedules"]),
-        (("worker",), ["--concurrency", "--processes", "--grace", "--queue", "--url"]),
+        (
+            (),
+            ["worker", "server", "enqueue", "queues", "provision", "dead", "schedules", "workers"],
+        ),
+        (
+            ("worker",),
+            ["--concurrency", "--processes", "--grace", "--queue", "--url", "--log-format"],
+        ),
         (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
         (("server",), ["--port", "--store", "--config", "./nats.conf"]),
         (("enqueue",), ["--key", "--wait", "--url", "payload"]),
@@ -44,6 +50,7 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
         (("queues",), ["--namespace", "--url"]),
         (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--url"]),
         (("schedules",), ["--namespace", "--url"]),
+        (("workers",), ["--namespace", "--json", "--url", "TASKFRAME_NAMESPACE"]),
     ],
     ids=[
         "taskframe",
@@ -55,6 +62,7 @@ def table(output: str) -> dict[tuple[str, str], dict[str, int]]:
         "queues",
         "dead",
         "schedules",
+        "workers",
     ],
 )
 async def test_help_of_each_command_exits_0_and_names_its_options(
