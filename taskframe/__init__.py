@@ -2,6 +2,7 @@
 
 from taskframe._deadletters import DeadLetter
 from taskframe._queues import QueueInfo
+from taskframe._registry import WorkerInfo
 from taskframe._results import ErrorInfo, Progress, TaskState, TaskStatus
 from taskframe._retry import Backoff
 from taskframe._taskrun import TaskRun
@@ -49,6 +50,7 @@ __all__ = [
     "TaskRun",
     "TaskState",
     "TaskStatus",
+    "WorkerInfo",
     "connect",
     # Running
     "AttemptInfo",

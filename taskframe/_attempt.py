@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from taskframe import _inbound as inbound
+from taskframe import _logs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe import hooks as _hooks
@@ -91,6 +92,11 @@ class Attempts:
             arrival = inbound.task(msg.subject, msg.headers, f"{route.queue}-{seq}")
         else:
             arrival = inbound.event(msg.subject, msg.headers, f"event-{seq}")
+        name, task_id = arrival.name, arrival.task_id
+        trace = _logs.trace_id(msg.headers)
+        lease.fields = _logs.task_fields(
+            name, task_id, attempt, queue=route.queue, group=route.group, trace=trace
+        )
         handler = None if arrival.problem else route.handlers.get(arrival.name)
         if self._hooks:
             await self._observed(pool, route, lease, arrival, handler, attempt)
@@ -233,6 +239,7 @@ class Attempts:
             task_id,
             attempt,
             started or "none",
+            extra=lease.fields,
         )
         return None
 
@@ -312,6 +319,7 @@ class Attempts:
             client=self._client,
             heartbeat=functools.partial(self._leases.renew, lease),
             headers=lease.msg.headers,
+            trace_id=(lease.fields or {}).get("trace_id"),
         )
         if keeps:
             # Built and written by the lease keeper once the attempt has run a while: most
@@ -353,7 +361,8 @@ class Attempts:
             )
         claims, claim = self._claims, lease.claim
         if claims is not None and claim is not None and not await claims.complete(claim, record):
-            log.warning("claim on %s %s was lost while it ran: not acking", name, task_id)
+            message = "claim on %s %s was lost while it ran: not acking"
+            log.warning(message, name, task_id, extra=lease.fields)
             self._stats.lost += 1
             return "lost"
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins

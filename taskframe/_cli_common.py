@@ -8,7 +8,7 @@ taskframe/cli.py defines the core commands and imports the other command modules
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Annotated, Any
 
 import typer
@@ -42,3 +42,11 @@ def run_command(coro: Coroutine[Any, Any, None]) -> None:
     except TaskframeError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
+
+
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """Print `rows` under `header`, in columns as wide as their widest value."""
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

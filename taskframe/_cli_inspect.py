@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from taskframe._cli_common import Namespace, Url, cli, run_command
+from taskframe._cli_common import Namespace, Url, cli, run_command, table
 from taskframe.client import connect
 from taskframe.schedules import stored_schedules
 
@@ -44,7 +44,7 @@ def queues(
             )
             for q in infos
         ]
-        _table(header, rows)
+        table(header, rows)
         if not rows:
             typer.echo("(no taskframe queues on this server)")
 
@@ -96,7 +96,7 @@ def dead(
             )
             for d in letters
         ]
-        _table(("SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"), rows)
+        table(("SEQ", "QUEUE", "TASK", "ID", "REASON", "ATTEMPTS", "ERROR"), rows)
         if replay:
             typer.echo(f"replayed {len(letters)} task(s)")
         elif not rows:
@@ -131,7 +131,7 @@ def list_schedules(
             )
             for s in found
         ]
-        _table(header, rows)
+        table(header, rows)
         if not rows:
             typer.echo("(no periodic schedules on this server)")
 
@@ -189,10 +189,3 @@ def _plain(value: object) -> object:
     if isinstance(value, bytes):  # a dead letter's body: the task's JSON, as text
         return value.decode("utf-8", "replace")
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

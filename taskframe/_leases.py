@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -58,6 +58,8 @@ class Lease:
     """Its attempt has ended; its ack waits for the confirmation of its status record."""
     settled: bool = False
     """An ack, nak or term was sent for it."""
+    fields: dict[str, Any] | None = None
+    """Its task's log fields (`_logs.task_fields`), once its attempt read them."""
 
     def valid(self) -> bool:
         """Whether the message is still ours to settle."""
@@ -173,7 +175,7 @@ class Leases:
         if not lease.lost:
             lease.lost = True
             self._on_lost()
-            log.warning(message, lease.msg.subject)
+            log.warning(message, lease.msg.subject, extra=lease.fields)
 
     async def renew(self, lease: Lease) -> None:
         """Extend the lease if the server confirms in time; extend its claim too.

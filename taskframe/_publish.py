@@ -350,3 +350,23 @@ def refused_batch(
 def unavailable(exc: PublishError) -> bool:
     """Whether the broker could not store a message now, rather than refused it."""
     return isinstance(exc, StreamMissingError) or isinstance(exc.__cause__, TRANSIENT)
+
+
+_ROOM_TRIES = 6  # tries to store a record after its task was acked to make room: ~0.3 s
+
+
+async def store_in_freed_room(
+    nc: NATS, settings: Settings, task_id: str, subject: str, record: bytes
+) -> None:
+    """Store a task's record in the room its ack made in a full store: the server applies
+    an ack a moment after it arrives, so a few quick tries; dropped with a warning if no
+    room comes (the task ran, but its result is not kept)."""
+    last: StoreFullError | None = None
+    for attempt in range(_ROOM_TRIES):
+        await asyncio.sleep(0.005 * 2**attempt)
+        try:
+            await publish_stored(nc, settings, subject, record)
+            return
+        except StoreFullError as exc:
+            last = exc
+    log.warning("result of %s dropped: the store stayed full (%s)", task_id, last)

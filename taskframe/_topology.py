@@ -15,6 +15,8 @@
     events                   stream  TF_<ns>_EVENTS    Interest, subjects <ns>.events.>
     a subscriber group g     durable pull consumer "group-<g>" on the events stream
     rate-limit counters      stream  TF_<ns>_RATE      counters, subjects <ns>.rate.>
+    worker registry          KV      TF_<ns>_workers   one key per running worker, each
+                                                       write with a per-message TTL
 
 Names and configurations only, no I/O: provision.py creates and checks the objects, and
 _wire.py builds the subjects messages are published to.
@@ -75,6 +77,21 @@ def events_stream(namespace: str) -> str:
 def claims_bucket(namespace: str) -> str:
     """The exactly-once claims KV bucket name of `namespace`."""
     return f"TF_{namespace}_claims"
+
+
+def workers_bucket(namespace: str) -> str:
+    """The worker registry KV bucket name of `namespace`."""
+    return f"TF_{namespace}_workers"
+
+
+def workers_stream(namespace: str) -> str:
+    """The stream behind the worker registry bucket."""
+    return f"KV_{workers_bucket(namespace)}"
+
+
+def worker_subject(namespace: str, worker_id: str) -> str:
+    """The subject of one worker's registry record (a KV key)."""
+    return f"$KV.{workers_bucket(namespace)}.{worker_id}"
 
 
 def group_consumer(group: str) -> str:
@@ -292,6 +309,30 @@ def claims_config(settings: Settings) -> js_api.StreamConfig:
     config.allow_msg_ttl = True
     config.metadata = {META_NAMESPACE: settings.namespace, META_KIND: "claims"}
     return config
+
+
+def workers_config(settings: Settings) -> js_api.StreamConfig:
+    """The stream behind the worker registry: one record per worker, kept by its TTL.
+
+    Every record carries a per-message TTL of 2.5 of its worker's heartbeats (whole seconds),
+    so the bucket needs no max_age, and workers with different heartbeats can share it.
+    Storage follows `settings.storage` like every other bucket: in memory, a lone server's
+    restart would remove the bucket itself, and a worker may lack the right to re-create it.
+    """
+    bucket = workers_bucket(settings.namespace)
+    return js_api.StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_msgs_per_subject=1,
+        discard=js_api.DiscardPolicy.OLD,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        allow_msg_ttl=True,
+        metadata={META_NAMESPACE: settings.namespace, META_KIND: "workers"},
+    )
 
 
 def _consumer(

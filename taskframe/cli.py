@@ -24,6 +24,7 @@ import typer
 
 from taskframe._cli_common import Url, cli, run_command
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
+from taskframe._logs import LogFormat, configure
 from taskframe._recycle import serve
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
@@ -53,13 +54,6 @@ def load_app(ref: str) -> App:
     if not isinstance(app, App):
         raise typer.BadParameter(f"{ref} is a {type(app).__name__}, not a taskframe App")
     return app
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s [%(process)d] %(message)s",
-    )
 
 
 @cli.command()
@@ -99,15 +93,18 @@ def worker(
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Where /metrics listens.")] = "127.0.0.1",
     metrics_child: Annotated[bool, typer.Option(hidden=True)] = False,
+    log_format: Annotated[
+        LogFormat, typer.Option(help="text, or json: one JSON object per line.")
+    ] = LogFormat.TEXT,
 ) -> None:
     """Run a worker for APP until SIGTERM or Ctrl-C, then drain gracefully and exit 0."""
-    _logging(log_level)
+    configure(log_level, log_format)
     the_app = load_app(app)
     metrics = _metrics() if metrics_port is not None or metrics_child else None
     supervisor = Supervisor()  # recycling needs one: then even a single process gets one
     if not supervisor.present and (processes > 1 or max_tasks or max_memory_mb):
         command = [sys.executable, "-m", "taskframe", "worker", app, "-c", str(concurrency)]
-        command += ["--grace", str(grace), "--log-level", log_level]
+        command += ["--grace", str(grace), "--log-level", log_level, "--log-format", log_format]
         command += [f"--queue={q}" for q in queue or []]
         command += [f"--url={url}"] if url else []
         command += [f"--max-tasks-per-process={max_tasks}"] if max_tasks else []
@@ -306,3 +303,4 @@ def main() -> None:
 from taskframe import _cli_control as _cli_control  # noqa: E402  (registers its commands)
 from taskframe import _cli_inspect as _cli_inspect  # noqa: E402
 from taskframe import _cli_tasks as _cli_tasks  # noqa: E402
+from taskframe import _cli_workers as _cli_workers  # noqa: E402  (registers `workers`)

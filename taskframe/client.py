@@ -14,7 +14,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -36,6 +35,7 @@ from taskframe._publish import (
     unconfirmed,
 )
 from taskframe._queues import QueueInfo, queue_infos
+from taskframe._registry import WorkerInfo, worker_infos
 from taskframe._results import Progress, TaskStatus, read_progress, read_status
 from taskframe._retry import answered
 from taskframe._taskrun import TaskRun
@@ -361,6 +361,12 @@ class Client:
         tasks waiting, in flight, redelivered and dead, and whether it is paused, summed
         over its priority lanes."""
         return await queue_infos(self.js, None if every_namespace else self.namespace)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The running workers of this namespace, from the registry each one keeps its record
+        in: host, pid, queues, tasks running and counts so far, last seen. A worker drops out
+        when it stops, or about 2.5 heartbeats after its last record (killed, cut off)."""
+        return await worker_infos(self.js, self.namespace)
 
     async def dead_letters(
         self,

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 from taskframe import _topology as topology
+from taskframe._logs import task_fields
 from taskframe._progress import Reporter
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class Context:
         "_heartbeat",
         "_log",
         "_reporter",
+        "_trace_id",
         "attempt",
         "max_attempts",
         "queue",
@@ -47,6 +49,7 @@ class Context:
         client: Client,
         heartbeat: Callable[[], Awaitable[None]],
         headers: Mapping[str, str] | None = None,
+        trace_id: str | None = None,
     ) -> None:
         self.task_id = task_id
         """The task's id (a UUIDv7 string, or derived from its idempotency key)."""
@@ -57,6 +60,7 @@ class Context:
         """This attempt's number, 1 for the first delivery."""
         self.max_attempts = max_attempts
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self._trace_id = trace_id
         self._client = client
         self._heartbeat = heartbeat
         self._headers = headers
@@ -70,11 +74,14 @@ class Context:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry `task_id` and `task` (made on first use)."""
+        """A logger ("taskframe.task") whose records carry the attempt's `task`, `task_id`,
+        `attempt`, `queue` and, if the message has a `traceparent` header, `trace_id`, as
+        attributes: the CLI's text and JSON formats show them."""
         if self._log is None:
-            self._log = logging.LoggerAdapter(
-                _TASK_LOG, {"task_id": self.task_id, "task": self.task}
+            fields = task_fields(
+                self.task, self.task_id, self.attempt, queue=self.queue, trace=self._trace_id
             )
+            self._log = logging.LoggerAdapter(_TASK_LOG, fields)
         return self._log
 
     def __repr__(self) -> str:

@@ -52,8 +52,8 @@ async def provision(
     groups: Iterable[str] | None = None,
 ) -> None:
     """Create or update everything `app` needs: its queues' streams and consumers (one per
-    lane), its subscriber groups, the namespace's dead letters, results, claims and rate
-    counters, and its periodic schedules. `queues` and `groups` narrow it down.
+    lane), its subscriber groups, the namespace's dead letters, results, worker registry,
+    claims and rate counters, and its periodic schedules. `queues` and `groups` narrow it down.
 
     Raises `ConfigError` for a setting that conflicts with what exists, `ConnectError` if
     JetStream does not answer.
@@ -197,7 +197,9 @@ async def ensure_lanes(
 
 
 async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
-    """Create or update the namespace's dead-letter stream, results bucket and cancel requests."""
+    """Create or update the namespace's dead-letter stream, results bucket, cancel requests
+    and worker registry."""
     await ensure_stream(js, topology.dead_config(settings))
     await ensure_stream(js, topology.results_config(settings))
     await ensure_stream(js, topology.cancels_config(settings))
+    await ensure_stream(js, topology.workers_config(settings))

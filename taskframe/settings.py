@@ -84,6 +84,9 @@ class Settings(BaseModel):
     """Seconds to wait for the server to confirm one stored message before retrying it."""
     publish_attempts: int = Field(default=4, ge=1)
     """How many times an unconfirmed publish is sent (with the same message id) before failing."""
+    worker_heartbeat: float = Field(default=5.0, ge=1.0)
+    """Seconds between a worker's writes of its registry record; a worker that stops writing
+    (killed, frozen, cut off) drops out of `Client.workers()` within three of them."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

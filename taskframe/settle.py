@@ -32,7 +32,14 @@ from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
 from taskframe._leases import Lease, Leases
-from taskframe._publish import TRANSIENT, Ack, publish_stored, publisher, unavailable
+from taskframe._publish import (
+    TRANSIENT,
+    Ack,
+    publish_stored,
+    publisher,
+    store_in_freed_room,
+    unavailable,
+)
 from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import RECORD_RETRY, UNTIL_AVAILABLE
@@ -51,7 +58,6 @@ if TYPE_CHECKING:
     from taskframe.client import Client
 
 log = logging.getLogger("taskframe.worker")
-_ROOM_TRIES = 6  # tries to store a record after its task was acked to make room: ~0.3 s
 
 CONFIRMING = 1024
 """Most messages a pool holds whose ack waits for their record's confirmation (beyond its
@@ -295,20 +301,9 @@ class Settler:
         except StoreFullError:
             if not await self.settle(lease, "ack"):
                 return False
-            await self._store_in_freed_room(task_id, subject, record)
+            await store_in_freed_room(self._client.nc, self._settings, task_id, subject, record)
             return True
         return await self.settle(lease, "ack")
-
-    async def _store_in_freed_room(self, task_id: str, subject: str, record: bytes) -> None:
-        last: StoreFullError | None = None
-        for attempt in range(_ROOM_TRIES):
-            await asyncio.sleep(0.005 * 2**attempt)
-            try:
-                await publish_stored(self._client.nc, self._settings, subject, record)
-                return
-            except StoreFullError as exc:
-                last = exc
-        log.warning("result of %s dropped: the store stayed full (%s)", task_id, last)
 
     async def failed(
         self,
@@ -345,6 +340,7 @@ class Settler:
             handler.max_attempts,
             error.type,
             delay,
+            extra=lease.fields,
         )
         if keeps:
             record = status_record(task_id, handler.name, TaskState.FAILED, attempt, error=error)
@@ -393,6 +389,7 @@ class Settler:
             attempt,
             error.type,
             error.message,
+            extra=lease.fields,
         )
         if keeps_result and route.queue and not stored.duplicate:
             record = status_record(

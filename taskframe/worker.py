@@ -25,6 +25,7 @@ from taskframe._credit import Credit
 from taskframe._leases import Leases
 from taskframe._pull import Buffer, Feed, Pool, Route, app_routes
 from taskframe._ratelimit import RateLimit, RateLimiter
+from taskframe._registry import Registration
 from taskframe._results import TaskState, status_record
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._stats import WorkerStats
@@ -115,11 +116,17 @@ class Worker:
             self._claims = Claims(client.js, self._settings)
             self._leases.renew_claim = self._claims.renew
         self._pools: list[Pool] = []
+        self._registration = Registration(
+            client, self.stats, self.queues, self.groups, concurrency, self._stop
+        )
+        self.id = self._registration.id
+        """Its key in the namespace's worker registry (`Client.workers()`)."""
 
     def __repr__(self) -> str:
         s = self.stats
         return (
-            f"<Worker {self.app.namespace} queues={self.queues} running={s.running} "
+            f"<Worker {self.app.namespace} id={self.id} queues={self.queues} "
+            f"groups={self.groups} concurrency={self.concurrency} running={s.running} "
             f"succeeded={s.succeeded} retried={s.retried} dead={s.dead} lost={s.lost}>"
         )
 
@@ -152,15 +159,11 @@ class Worker:
                         group.create_task(feed.run(), name=f"taskframe-feed-{feed}")
                 group.create_task(self._leases.keep(), name="taskframe-leases")
                 group.create_task(attempts.watch_timeouts(), name="taskframe-timeouts")
+                group.create_task(self._registration.keep(), name="taskframe-registry")
                 self.client.reconnect_listeners.append(self._on_reconnect)
+                await self._registration.write()
                 self.ready.set()
-                log.info(
-                    "worker ready: namespace=%s queues=%s groups=%s concurrency=%d",
-                    self.app.namespace,
-                    self.queues,
-                    self.groups,
-                    self.concurrency,
-                )
+                log.info("worker ready: %r", self)
                 await self._stop.wait()
                 await self._drain()
                 raise _Stopped
@@ -171,6 +174,7 @@ class Worker:
             self.ready.clear()
             for hook in lent:
                 self.client.hooks.remove(hook)
+            await self._registration.remove()
             if self._on_reconnect in self.client.reconnect_listeners:
                 self.client.reconnect_listeners.remove(self._on_reconnect)
             if handle_signals:
@@ -286,9 +290,8 @@ class Worker:
             except Exception:
                 # Storing a result or a dead letter failed even after retries: the broker is
                 # away. Leave the task to come back after ack_wait rather than stop the worker.
-                log.exception(
-                    "message on %s not settled; it will be redelivered", lease.msg.subject
-                )
+                subject, fields = lease.msg.subject, lease.fields
+                log.exception("message on %s not settled; redelivered later", subject, extra=fields)
             finally:
                 if not lease.confirming:  # else released once its record is confirmed
                     self._leases.release(lease)  # and its credit returned

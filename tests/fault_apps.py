@@ -57,6 +57,13 @@ class BulkyQuiet(Task[None], queue="work", results=False):
     pad: str = ""
 
 
+class Logged(Task[str], queue="work"):
+    """Logs `note` through `ctx.log` (with an exception if `fail`); returns its task id."""
+
+    note: str = ""
+    fail: bool = False
+
+
 class Poison(Task[None], queue="poison"):
     """Kills the worker process that runs it, on every delivery."""
 
@@ -132,7 +139,15 @@ def build_app(namespace: str, journal: Journal | None) -> App:
         note("done", ctx)
         return ctx.task_id
 
+    app.handle(Logged)(logged)
     return app
+
+
+async def logged(job: Logged, ctx: Context) -> str:
+    """Logs through ctx.log, with the error it was given to raise (as exc_info)."""
+    error = ValueError(job.note) if job.fail else None
+    ctx.log.info("handling %s", job.note, exc_info=error)
+    return ctx.task_id
 
 
 _journal = os.environ.get("TEST_JOURNAL")

@@ -45,6 +45,8 @@ COMMANDS = [
     "pause",
     "resume",
     "purge",
+    "cancel",
+    "workers",
 ]
 
 
@@ -56,7 +58,7 @@ COMMANDS = [
             ("worker",),
             [
                 *("--concurrency", "--processes", "--grace", "--queue", "--url"),
-                *("--max-tasks-per-process", "--max-memory-mb"),
+                *("--max-tasks-per-process", "--max-memory-mb", "--log-format"),
             ],
         ),
         (("worker",), ["TASKFRAME_URL", "nats://127.0.0.1:4222"]),  # where the URL comes from
@@ -67,6 +69,10 @@ COMMANDS = [
         (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--task", "--id", "--json"]),
         (("schedules",), ["--namespace", "--url", "--json"]),
         (("cancel",), ["--namespace", "--url", "TASK_ID"]),
+        (("queues",), ["--namespace", "--url"]),
+        (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--url"]),
+        (("schedules",), ["--namespace", "--url"]),
+        (("workers",), ["--namespace", "--json", "--url", "TASKFRAME_NAMESPACE"]),
     ],
     ids=[
         "taskframe",
@@ -79,6 +85,7 @@ COMMANDS = [
         "dead",
         "schedules",
         "cancel",
+        "workers",
     ],
 )
 async def test_help_of_each_command_exits_0_and_names_its_options(

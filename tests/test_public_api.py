@@ -41,6 +41,7 @@ PUBLIC = [
     "TaskRun",
     "TaskState",
     "TaskStatus",
+    "WorkerInfo",
     "connect",
     # Running
     "AttemptInfo",

@@ -171,11 +171,18 @@ async def refused_by_server(server: NatsServer, kind: str, subject: str) -> None
 
 
 async def test_admin_provisions_producer_enqueues_and_worker_processes(
-    producer: Client, worker: Client
+    server: NatsServer,
+    pki: Path,
+    producer: Client,
+    worker: Client,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for name in [n for n in os.environ if n.startswith("TASKFRAME_")]:
+        monkeypatch.delenv(name)  # the worker's settings, not the admin's
     run = await producer.enqueue(Double(n=21))
-    async with running_worker(build_app(), worker):
+    async with running_worker(build_app(), worker) as running, _as(server, pki, "admin") as admin:
         assert await run.result(timeout=10) == 42
+        assert [w.id for w in await admin.workers()] == [running.id]  # it wrote its record
     assert (await producer.handle(Double, run.id).status()).result == 42
 
 

@@ -165,7 +165,8 @@ async def test_a_worker_with_max_tasks_starts_that_many_then_stops_by_itself(
 async def test_worker_repr_reads_well(client: Client) -> None:
     worker = Worker(build(client.namespace), client, queues=["math"])
     assert repr(worker) == (
-        f"<Worker {client.namespace} queues=['math'] running=0 succeeded=0 retried=0 dead=0 lost=0>"
+        f"<Worker {client.namespace} id={worker.id} queues=['math'] groups=[] "
+        "concurrency=64 running=0 succeeded=0 retried=0 dead=0 lost=0>"
     )
 
 
