@@ -69,9 +69,6 @@ COMMANDS = [
         (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--task", "--id", "--json"]),
         (("schedules",), ["--namespace", "--url", "--json"]),
         (("cancel",), ["--namespace", "--url", "TASK_ID"]),
-        (("queues",), ["--namespace", "--url"]),
-        (("dead",), ["--namespace", "--queue", "--limit", "--replay", "--url"]),
-        (("schedules",), ["--namespace", "--url"]),
         (("workers",), ["--namespace", "--json", "--url", "TASKFRAME_NAMESPACE"]),
     ],
     ids=[
