@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from taskframe import _inbound as inbound
-from taskframe import _logs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe import hooks as _hooks
@@ -93,10 +92,7 @@ class Attempts:
         else:
             arrival = inbound.event(msg.subject, msg.headers, f"event-{seq}")
         name, task_id = arrival.name, arrival.task_id
-        trace = _logs.trace_id(msg.headers)
-        lease.fields = _logs.task_fields(
-            name, task_id, attempt, queue=route.queue, group=route.group, trace=trace
-        )
+        lease.about = (name, task_id, attempt, route.queue, route.group)
         handler = None if arrival.problem else route.handlers.get(arrival.name)
         if self._hooks:
             await self._observed(pool, route, lease, arrival, handler, attempt)
@@ -319,7 +315,6 @@ class Attempts:
             client=self._client,
             heartbeat=functools.partial(self._leases.renew, lease),
             headers=lease.msg.headers,
-            trace_id=(lease.fields or {}).get("trace_id"),
         )
         if keeps:
             # Built and written by the lease keeper once the attempt has run a while: most

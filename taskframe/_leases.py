@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from taskframe import _logs as _logs
 from taskframe import _wire as wire
 from taskframe._claims import Claim
 
@@ -58,8 +59,18 @@ class Lease:
     """Its attempt has ended; its ack waits for the confirmation of its status record."""
     settled: bool = False
     """An ack, nak or term was sent for it."""
-    fields: dict[str, Any] | None = None
-    """Its task's log fields (`_logs.task_fields`), once its attempt read them."""
+    about: tuple[str, str, int, str | None, str | None] | None = None
+    """Its task's name, id, attempt, queue and group, once its attempt read them."""
+
+    @property
+    def fields(self) -> dict[str, Any] | None:
+        """Its task's log fields (`_logs.task_fields`), built when a record needs them: most
+        tasks log nothing, and the default path does not pay for them."""
+        if self.about is None:
+            return None
+        name, task_id, attempt, queue, group = self.about
+        trace = _logs.trace_id(self.msg.headers)
+        return _logs.task_fields(name, task_id, attempt, queue=queue, group=group, trace=trace)
 
     def valid(self) -> bool:
         """Whether the message is still ours to settle."""

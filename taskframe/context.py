@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 from taskframe import _topology as topology
-from taskframe._logs import task_fields
+from taskframe._logs import task_fields, trace_id
 from taskframe._progress import Reporter
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ class Context:
         "_heartbeat",
         "_log",
         "_reporter",
-        "_trace_id",
         "attempt",
         "max_attempts",
         "queue",
@@ -49,7 +48,6 @@ class Context:
         client: Client,
         heartbeat: Callable[[], Awaitable[None]],
         headers: Mapping[str, str] | None = None,
-        trace_id: str | None = None,
     ) -> None:
         self.task_id = task_id
         """The task's id (a UUIDv7 string, or derived from its idempotency key)."""
@@ -60,7 +58,6 @@ class Context:
         """This attempt's number, 1 for the first delivery."""
         self.max_attempts = max_attempts
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
-        self._trace_id = trace_id
         self._client = client
         self._heartbeat = heartbeat
         self._headers = headers
@@ -79,7 +76,11 @@ class Context:
         attributes: the CLI's text and JSON formats show them."""
         if self._log is None:
             fields = task_fields(
-                self.task, self.task_id, self.attempt, queue=self.queue, trace=self._trace_id
+                self.task,
+                self.task_id,
+                self.attempt,
+                queue=self.queue,
+                trace=trace_id(self._headers),
             )
             self._log = logging.LoggerAdapter(_TASK_LOG, fields)
         return self._log
