@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from taskframe._cli_common import Namespace, Url, cli, run_command, table
+from taskframe._results import TaskState, TaskStatus
 from taskframe.client import connect
 from taskframe.schedules import stored_schedules
 
@@ -150,6 +151,15 @@ def status(
     async def main() -> None:
         async with connect(url, namespace=namespace) as client:
             found = await client.status(task_id)
+            progress = await client.progress(task_id)
+        if found is None and progress is not None:  # running, before its first status record
+            found = TaskStatus(
+                id=task_id,
+                task="?",
+                state=TaskState.RUNNING,
+                attempt=progress.attempt,
+                updated_at=progress.updated_at,
+            )
         if found is None:
             typer.secho(
                 f"no status record for task {task_id} in namespace {namespace}: no worker "
@@ -160,7 +170,9 @@ def status(
             )
             raise typer.Exit(1)
         if as_json:
-            typer.echo(found.model_dump_json())
+            shown = found.model_dump(mode="json")
+            shown["progress"] = progress.model_dump(mode="json") if progress else None
+            typer.echo(json.dumps(shown))
             return
         error = found.error
         rows = [
@@ -172,6 +184,10 @@ def status(
             ("error", f"{error.type}: {error.message}" if error else "-"),
             ("result", json.dumps(found.result)),
         ]
+        if progress is not None:
+            total = f"/{progress.total:g}" if progress.total is not None else ""
+            note = f" ({progress.note})" if progress.note else ""
+            rows.append(("progress", f"{progress.done:g}{total}{note}"))
         for name, value in rows:
             typer.echo(f"{name.upper():<8} {value}")
 

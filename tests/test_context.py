@@ -9,7 +9,7 @@ import pytest
 from taskframe import App, Client, Context, Event, Retry, Task, connect
 from taskframe import _topology as topology
 from taskframe.testing import NatsServer, eventually, running_worker
-from tests.faultkit import AckTap
+from tests.faultkit import TASKFRAME, AckTap, Procs
 
 
 class Greet(Task[str], queue="ctx"):
@@ -86,7 +86,7 @@ class Count(Task[int], queue="ctx-progress"):
 
 
 async def test_progress_is_seen_from_another_client_and_a_tight_loop_writes_a_handful(
-    client: Client, nats_server: NatsServer
+    client: Client, nats_server: NatsServer, procs: Procs
 ) -> None:
     release = asyncio.Event()
     app = App(client.namespace)
@@ -109,6 +109,11 @@ async def test_progress_is_seen_from_another_client_and_a_tight_loop_writes_a_ha
         first = await eventually(run.progress, "the first report")
         assert first is not None
         assert (first.done, first.total, first.note, first.attempt) == (0, 10_000, "starting", 1)
+        scope = ("--namespace", client.namespace, "--url", nats_server.url)
+        shown = await procs.run(*TASKFRAME, "status", run.id, *scope)
+        assert shown.returncode == 0, shown.stderr
+        assert "STATE    running" in shown.stdout
+        assert "PROGRESS 0/10000 (starting)" in shown.stdout
         release.set()
         assert await run.result(timeout=5) == 10_000
     last = await run.progress()
