@@ -35,10 +35,7 @@ def _render(request: Request, name: str, status_code: int = 200, **context: Any)
 
 
 def _offset(request: Request) -> int:
-    try:
-        return max(0, int(request.query_params.get("offset", "0")))
-    except ValueError:
-        return 0
+    return _number(request.query_params.get("offset"), 0)
 
 
 async def overview(request: Request) -> Response:
@@ -96,16 +93,22 @@ async def _task(request: Request) -> dict[str, Any]:
 async def dead(request: Request) -> Response:
     q = request.query_params
     filters = {k: q.get(k) or None for k in ("queue", "task", "reason", "task_id")}
-    try:
-        after = max(0, int(q.get("after", "0")))
-    except ValueError:
-        after = 0
-    letters = await (await _client(request)).dead_letters(**filters, after=after, limit=PAGE)
-    shown = {k: v for k, v in filters.items() if v}
+    after, limit = _number(q.get("after"), 0), min(_number(q.get("limit"), PAGE), 500) or 1
+    letters = await (await _client(request)).dead_letters(**filters, after=after, limit=limit)
+    shown: dict[str, Any] = {k: v for k, v in filters.items() if v}
+    if limit != PAGE:
+        shown["limit"] = limit
     return _render(
         request, "dead.html", letters=letters, filters=shown, reasons=REASONS, after=after,
-        more=len(letters) == PAGE,
+        more=len(letters) == limit,
     )  # fmt: skip
+
+
+def _number(text: str | None, default: int) -> int:
+    try:
+        return max(0, int(text)) if text else default
+    except ValueError:
+        return default
 
 
 async def schedules(request: Request) -> Response:

@@ -141,6 +141,27 @@ async def test_a_dead_letter_shows_its_traceback_and_replay_runs_the_fixed_handl
 
 
 @module_loop
+async def test_dead_letters_are_filtered_and_read_a_page_at_a_time(
+    client: Client, base: str, page: Page
+) -> None:
+    for _ in range(3):
+        await client.js.publish(f"{client.namespace}.tasks.dash.Fragile", b"{")
+    async with running_worker(build(client.namespace), client) as worker:
+        await eventually(lambda: worker.stats.dead == 3, "three invalid tasks to die")
+    seqs = [letter.seq for letter in await client.dead_letters()]
+    await page.goto(f"{base}/dead?reason=invalid&limit=2")
+    letters = page.locator("section.letter")
+    assert [await s.get_attribute("data-seq") for s in await letters.all()] == list(
+        map(str, seqs[:2])
+    )
+    await page.locator("#next").click()
+    await expect(letters).to_have_count(1)
+    assert await letters.get_attribute("data-seq") == str(seqs[2])
+    await page.goto(f"{base}/dead?reason=failed")
+    await expect(page.locator("main")).to_contain_text("no dead letters match these filters")
+
+
+@module_loop
 async def test_pause_sets_the_consumers_paused_and_the_overview_shows_it(
     client: Client, base: str, page: Page
 ) -> None:
@@ -240,7 +261,9 @@ async def _post(url: str, body: bytes, **headers: str) -> bytes:
 
 
 @module_loop
-async def test_a_token_is_needed_for_every_request_and_never_shown(client: Client) -> None:
+async def test_a_token_is_needed_for_every_request_and_never_shown(
+    client: Client, browser: Browser
+) -> None:
     async for url in serve(create_app(client, token="s3cret-t0ken")):
         with pytest.raises(urllib.error.HTTPError) as refused:
             await asyncio.to_thread(urllib.request.urlopen, url, timeout=5)
@@ -251,6 +274,15 @@ async def test_a_token_is_needed_for_every_request_and_never_shown(client: Clien
             page = response.read().decode()
         assert "Queues" in page
         assert "s3cret-t0ken" not in page
+        browsing = await browser.new_context()
+        opened = await browsing.new_page()
+        await opened.goto(f"{url}/workers?token=s3cret-t0ken")  # sets a cookie, then drops it
+        assert "token" not in opened.url
+        await expect(opened.locator("h1")).to_have_text("Workers")
+        await opened.goto(f"{url}/schedules")
+        await expect(opened.locator("h1")).to_have_text("Schedules")
+        assert "s3cret-t0ken" not in await opened.content()
+        await browsing.close()
 
 
 @module_loop
