@@ -21,6 +21,8 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from playwright.async_api import Browser, Page, async_playwright, expect
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from taskframe import App, Client, Context, Task, connect
 from taskframe.dashboard import create_app
@@ -262,9 +264,10 @@ async def _post(url: str, body: bytes, **headers: str) -> bytes:
 
 @module_loop
 async def test_a_token_is_needed_for_every_request_and_never_shown(
-    client: Client, browser: Browser
+    client: Client, browser: Browser, nats_server: NatsServer
 ) -> None:
-    async for url in serve(create_app(client, token="s3cret-t0ken")):
+    own = create_app(url=nats_server.url, namespace=client.namespace, token="s3cret-t0ken")
+    async for url in serve(own):
         with pytest.raises(urllib.error.HTTPError) as refused:
             await asyncio.to_thread(urllib.request.urlopen, url, timeout=5)
         assert refused.value.code == 401
@@ -283,6 +286,16 @@ async def test_a_token_is_needed_for_every_request_and_never_shown(
         await expect(opened.locator("h1")).to_have_text("Schedules")
         assert "s3cret-t0ken" not in await opened.content()
         await browsing.close()
+
+
+@module_loop
+async def test_it_mounts_inside_another_starlette_app(client: Client, page: Page) -> None:
+    service = Starlette(routes=[Mount("/ops", create_app(client))])
+    async for url in serve(service):
+        await page.goto(f"{url}/ops/")
+        await page.get_by_role("link", name="Schedules").click()
+        await expect(page.locator("#schedules")).to_contain_text("nightly")
+        assert page.url == f"{url}/ops/schedules"
 
 
 @module_loop
