@@ -163,7 +163,7 @@ class Attempts:
         if task_id in self.cancels.ids:
             return await self._cancelled(lease, task_id, name, attempt - 1, keeps)
         if attempt > handler.max_attempts:
-            spent = await self._spent(lease, route, handler, task_id, seen)
+            spent = await self._spent(lease, route, handler, task_id, attempt, seen)
             if spent is not None:
                 return spent
         try:
@@ -183,9 +183,8 @@ class Attempts:
                 record = claim.record if keeps else None
                 return await self._settler.succeeded(lease, task_id, record, skipped=True)
             lease.claim = claim
-        if attempt > 1:
-            await self._mark_started(task_id, name, attempt)
-        return await self._run(route, handler, task, task_id, attempt, lease, seen)
+        recorded = attempt > 1 and await self._mark_started(task_id, name, attempt)
+        return await self._run(route, handler, task, task_id, attempt, lease, seen, recorded)
 
     async def _bury(
         self,
@@ -209,12 +208,13 @@ class Attempts:
         route: Route,
         handler: Handler[Any],
         task_id: str,
+        attempt: int,
         seen: AttemptInfo | None,
     ) -> Outcome | None:
         """A delivery past `max_attempts`: bury it as lost if its last allowed attempt
         started (or ack it if it succeeded); None if it never got that far, and runs now."""
-        name, attempt = handler.name, wire.delivery(lease.msg.reply)[0]
-        started = await self._last_started(lease, task_id)
+        name = handler.name
+        started = await self._last_started(lease, task_id, attempt)
         if started is None:
             return "succeeded"  # acked: its final record says it succeeded
         if started >= handler.max_attempts:
@@ -239,8 +239,9 @@ class Attempts:
         )
         return None
 
-    async def _mark_started(self, task_id: str, name: str, attempt: int) -> None:
+    async def _mark_started(self, task_id: str, name: str, attempt: int) -> bool:
         """Store a `running` record before a redelivery runs: what `_last_started` reads.
+        False if it could not be stored.
 
         A first delivery writes none (the fast path); a task that crashes its worker on
         every delivery is then buried after `max_attempts` runs, or 2 if that is 1.
@@ -251,8 +252,10 @@ class Attempts:
             await publish_stored(self._client.nc, self._client.settings, subject, record)
         except TaskframeError as exc:  # runs all the same; a crash now leaves no trace
             log.warning("start of %s attempt %d not recorded: %s", task_id, attempt, exc)
+            return False
+        return True
 
-    async def _last_started(self, lease: Lease, task_id: str) -> int | None:
+    async def _last_started(self, lease: Lease, task_id: str, attempt: int) -> int | None:
         """The last attempt of an over-delivered task that is known to have started (0:
         none), or None if its final record says it succeeded, and it was acked here.
 
@@ -264,7 +267,7 @@ class Attempts:
             status = await read_status(self._client.js, self._client.namespace, task_id)
         except TaskframeError as exc:  # unknown: trust the delivery count, as before
             log.warning("status of %s unreadable (%s): counting deliveries", task_id, exc)
-            return wire.delivery(lease.msg.reply)[0]
+            return attempt
         if status is None:
             return 0
         if status.state is TaskState.SUCCEEDED:
@@ -304,7 +307,10 @@ class Attempts:
         attempt: int,
         lease: Lease,
         seen: AttemptInfo | None,
+        recorded: bool = False,
     ) -> Outcome:
+        """Run the handler and settle its outcome; `recorded`: its `running` record is
+        stored already (`_mark_started`)."""
         name, keeps, settler = handler.name, handler.keeps_result, self._settler
         ctx = Context(
             task_id=task_id,
@@ -316,7 +322,7 @@ class Attempts:
             heartbeat=functools.partial(self._leases.renew, lease),
             headers=lease.msg.headers,
         )
-        if keeps:
+        if keeps and not recorded:
             # Built and written by the lease keeper once the attempt has run a while: most
             # tasks finish sooner, and one status write per task instead of two doubles their
             # throughput.

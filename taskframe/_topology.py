@@ -321,7 +321,7 @@ def workers_config(settings: Settings) -> js_api.StreamConfig:
     """
     bucket = workers_bucket(settings.namespace)
     return js_api.StreamConfig(
-        name=f"KV_{bucket}",
+        name=workers_stream(settings.namespace),
         subjects=[f"$KV.{bucket}.>"],
         retention=js_api.RetentionPolicy.LIMITS,
         storage=_storage(settings),
