@@ -13,9 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from taskframe import _inbound as inbound
+from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe import hooks as _hooks
@@ -30,7 +32,7 @@ from taskframe._results import ErrorInfo, TaskState, read_status, status_record
 from taskframe._stats import WorkerStats
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
-from taskframe.errors import Reject, TaskCancelledError, TaskframeError
+from taskframe.errors import PayloadError, Reject, TaskCancelledError, TaskframeError
 from taskframe.hooks import AttemptInfo, Hook, Outcome
 from taskframe.settle import Settler
 
@@ -166,11 +168,11 @@ class Attempts:
             spent = await self._spent(lease, route, handler, task_id, attempt, seen)
             if spent is not None:
                 return spent
-        try:
-            task = handler.model.model_validate_json(msg.data)
-        except ValidationError as exc:
-            error = ErrorInfo(type="ValidationError", message=_short(exc))
-            return await self._bury(seen, lease, route, arrival, attempt, "invalid", error, keeps)
+        task, unreadable = await self._validated(handler, msg)
+        if unreadable is not None:
+            return await self._bury(
+                seen, lease, route, arrival, attempt, "invalid", unreadable, keeps
+            )
         if pool.limiter is not None:
             await pool.limiter.acquire()
         if handler.exactly_once and self._claims is not None:
@@ -185,6 +187,19 @@ class Attempts:
             lease.claim = claim
         recorded = attempt > 1 and await self._mark_started(task_id, name, attempt)
         return await self._run(route, handler, task, task_id, attempt, lease, seen, recorded)
+
+    async def _validated(self, handler: Handler[Any], msg: Msg) -> tuple[Any, ErrorInfo | None]:
+        """The task a delivery carries, or why it cannot be read (it is then buried)."""
+        try:
+            data = msg.data
+            if payloads.encoded(msg.headers):  # compressed, or in the payloads bucket
+                client = self._client
+                data = await payloads.decode(client.js, client.namespace, msg.headers, data)
+            return handler.model.model_validate_json(data), None
+        except ValidationError as exc:
+            return None, ErrorInfo(type="ValidationError", message=_short(exc))
+        except PayloadError as exc:
+            return None, ErrorInfo(type="PayloadError", message=str(exc))
 
     async def _bury(
         self,
@@ -357,9 +372,7 @@ class Attempts:
             return await settler.failed(lease, route, handler, task_id, attempt, exc)
         record = None
         if keeps:
-            record = status_record(
-                task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
-            )
+            record = await self._success_record(task_id, name, attempt, result_json)
         claims, claim = self._claims, lease.claim
         if claims is not None and claim is not None and not await claims.complete(claim, record):
             message = "claim on %s %s was lost while it ran: not acking"
@@ -407,6 +420,22 @@ class Attempts:
         if await self._settler.settle(lease, "term", reason="cancelled"):
             self._stats.cancelled += 1
         return "cancelled"
+
+    async def _success_record(
+        self, task_id: str, name: str, attempt: int, result_json: bytes
+    ) -> bytes | None:
+        """The `succeeded` record the ack stores; None if it was too large for that and is
+        stored already, compressed or in the payloads bucket, with the headers that say so."""
+        record = status_record(task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json)
+        if not payloads.oversize(self._client, len(record)):
+            return record
+        headers: dict[str, str] = {}
+        subject = topology.result_subject(self._client.namespace, task_id)
+        body = await payloads.encode(self._client, subject, record, headers)
+        if not headers:  # compressing did not make it smaller
+            return record
+        await publish_stored(self._client.nc, self._client.settings, subject, body, headers)
+        return None
 
     async def _release(self, lease: Lease) -> None:
         if lease.claim is not None and self._claims is not None:

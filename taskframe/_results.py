@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, ConfigDict
 
+from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe._retry import answered
 from taskframe.errors import PublishError
@@ -171,8 +172,8 @@ async def read_status(js: JetStreamContext, namespace: str, task_id: str) -> Tas
             continue
         except APIError as exc:
             raise PublishError(f"cannot read status of {task_id}: {exc.description}") from exc
-        if msg.data and (msg.headers or {}).get("KV-Operation") is None:
-            return parse_record(msg.data)
+        if (msg.data or msg.headers) and (msg.headers or {}).get("KV-Operation") is None:
+            return parse_record(await payloads.decode(js, namespace, msg.headers, msg.data or b""))
     return None
 
 

@@ -17,6 +17,8 @@
     rate-limit counters      stream  TF_<ns>_RATE      counters, subjects <ns>.rate.>
     worker registry          KV      TF_<ns>_workers   one key per running worker, each
                                                        write with a per-message TTL
+    large bodies             object store TF_<ns>_payloads  one object per body over the
+                                                       offload threshold, kept payload_ttl
 
 Names and configurations only, no I/O: provision.py creates and checks the objects, and
 _wire.py builds the subjects messages are published to.
@@ -52,6 +54,8 @@ class QueueOptions:
     """Task starts allowed across all workers, e.g. "100/s" or "600/m"."""
     duplicate_window: float | None = None
     """Seconds an idempotency key is remembered; default `Settings.duplicate_window`."""
+    compression: bool = False
+    """Whether the queue's stream stores its messages compressed on disk (s2)."""
 
     @property
     def lanes(self) -> tuple[str, ...]:
@@ -112,6 +116,11 @@ def is_lane_consumer(name: str) -> bool:
 def tasks_filter(namespace: str, queue: str) -> str:
     """The subjects of every task of `queue`, all lanes (not its schedules)."""
     return f"{namespace}.tasks.{queue}.>"
+
+
+def payloads_bucket(namespace: str) -> str:
+    """The object store bucket name of `namespace`'s large bodies."""
+    return f"TF_{namespace}_payloads"
 
 
 def results_bucket(namespace: str) -> str:
@@ -234,7 +243,29 @@ def queue_config(
         num_replicas=settings.replicas,
         duplicate_window=window or settings.duplicate_window,
         allow_msg_schedules=True,
+        compression=js_api.StoreCompression.S2
+        if options and options.compression
+        else js_api.StoreCompression.NONE,
         metadata={META_NAMESPACE: ns, META_QUEUE: queue, META_KIND: "queue"},
+    )
+
+
+def payloads_config(settings: Settings) -> js_api.StreamConfig:
+    """The stream behind the payloads bucket, laid out as nats-py's `create_object_store`
+    makes it (chunks and meta subjects), with `payload_ttl` as the backstop that removes an
+    object nobody deleted."""
+    bucket = payloads_bucket(settings.namespace)
+    return js_api.StreamConfig(
+        name=f"OBJ_{bucket}",
+        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=_storage(settings),
+        num_replicas=settings.replicas,
+        max_age=settings.payload_ttl,
+        discard=js_api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        metadata={META_NAMESPACE: settings.namespace, META_KIND: "payloads"},
     )
 
 

@@ -10,6 +10,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from taskframe import _topology as topology
+from taskframe._payloads import encoded
 from taskframe._results import TaskStatus, parse_record
 from taskframe.errors import ConnectError, ResultTimeoutError
 
@@ -46,7 +47,9 @@ async def wait_final(
             except nats.errors.TimeoutError:
                 status = await _reread(read, task_id, status)
                 continue
-            if msg.data:
+            if encoded(msg.headers):  # compressed, or in the payloads bucket
+                status = await _reread(read, task_id, status)
+            elif msg.data:
                 status = parse_record(msg.data)
         return status
     finally:

@@ -27,6 +27,12 @@ SCHEDULE_TARGET = "Nats-Schedule-Target"
 SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
 ID = "Tf-Id"
 
+# Bodies (docs/wire-format.md, "Compressed bodies" and "Large bodies"): ENCODING `zstd`
+# says the body is a zstd frame of the JSON; PAYLOAD names the object in the namespace's
+# payloads bucket that holds the body, and the message's own body is then empty.
+ENCODING = "Tf-Encoding"
+PAYLOAD = "Tf-Payload"
+
 # Dead letters carry the original body and headers plus these.
 DEAD_REASON = "Tf-Dead-Reason"
 ERROR_TYPE = "Tf-Error-Type"

@@ -108,6 +108,7 @@ class App:
         max_in_flight: int | None = None,
         rate_limit: str | None = None,
         duplicate_window: float | None = None,
+        compression: bool = False,
     ) -> None:
         """Set how every worker of this namespace serves queue `name`.
 
@@ -119,6 +120,8 @@ class App:
                 per lane).
             rate_limit: task starts per period across all workers, e.g. "100/s".
             duplicate_window: seconds an idempotency key is remembered by the stream.
+            compression: store the queue's stream compressed on disk (the server's s2),
+                applied by provisioning; task bodies are compressed by `compress_over`.
         """
         check_token("queue", name)
         lanes = tuple(check_token("priority", p) for p in priorities)
@@ -132,7 +135,9 @@ class App:
             from taskframe._ratelimit import RateLimit
 
             RateLimit.parse(rate_limit)
-        self.queue_options[name] = QueueOptions(lanes, max_in_flight, rate_limit, duplicate_window)
+        self.queue_options[name] = QueueOptions(
+            lanes, max_in_flight, rate_limit, duplicate_window, compression
+        )
 
     def handle(
         self,

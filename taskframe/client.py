@@ -27,13 +27,8 @@ from taskframe._cancels import request_cancel
 from taskframe._connection import open_connection
 from taskframe._deadletters import DeadLetter
 from taskframe._enqueue import store_task
-from taskframe._publish import (
-    check_size,
-    publish_stored,
-    publisher,
-    refused_batch,
-    unconfirmed,
-)
+from taskframe._payloads import delete, encode
+from taskframe._publish import publish_stored, publisher, refused_batch, unconfirmed
 from taskframe._queues import QueueInfo, queue_infos
 from taskframe._registry import WorkerInfo, worker_infos
 from taskframe._results import Progress, TaskStatus, read_progress, read_status
@@ -171,9 +166,7 @@ class Client:
         if seen is not None:
             seen.append(EnqueueInfo(self.namespace, queue, name, task_id, headers))
             hooks.before_enqueue(self.hooks, seen[-1])
-        body = wire.encode(task)
-        check_size(subject, body, headers, self.nc.max_payload)
-        return subject, body, headers, task_id
+        return subject, wire.encode(task), headers, task_id
 
     def _run(self, task: Task[R], task_id: str, duplicate: bool) -> TaskRun[R]:
         run = self.handle(type(task), task_id)
@@ -209,12 +202,15 @@ class Client:
         seen: list[EnqueueInfo] | None = [] if self.hooks else None
         try:
             subject, body, headers, task_id = self._prepare(task, key, priority, run_at, seen)
+            body = await encode(self, subject, body, headers)  # compressed, offloaded, checked
             try:
                 duplicate = await store_task(
                     self.nc, self.js, self.settings, type(task).__tf_queue__, subject, body, headers
                 )
             except StoreFullError as exc:
                 raise exc.for_tasks((task_id,)) from exc
+            if duplicate and wire.PAYLOAD in headers:  # the stored task has its own object
+                await delete(self.js, self.namespace, headers[wire.PAYLOAD])
         except BaseException as exc:
             self._after(seen, exc)
             raise
@@ -240,9 +236,8 @@ class Client:
         if self.hooks:
             seen = [EnqueueInfo(self.namespace, "", name, event_id, headers, "event")]
             hooks.before_enqueue(self.hooks, seen[0])
-        body = wire.encode(event)
         try:
-            check_size(subject, body, headers, self.nc.max_payload)
+            body = await encode(self, subject, wire.encode(event), headers)
             try:
                 await publish_stored(self.nc, self.settings, subject, body, headers)
             except StreamMissingError:
@@ -281,6 +276,7 @@ class Client:
         self, batch: list[Task[Any]], priority: str | None, seen: list[EnqueueInfo] | None
     ) -> list[TaskRun[Any]]:
         prepared = [self._prepare(t, None, priority, None, seen) for t in batch]
+        prepared = [(s, await encode(self, s, b, h), h, i) for s, b, h, i in prepared]
         for queue in {type(t).__tf_queue__ for t in batch} - self._known_queues:
             # Once per queue and client: a batch sent to a missing stream would all come back.
             await _provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))

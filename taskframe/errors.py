@@ -9,6 +9,7 @@
         PayloadTooLargeError   the message exceeds the server's max_payload
         StoreFullError         no room: the server's, the account's or the stream's store is full
         StreamMissingError     no stream stores the subject
+      PayloadError         a body that cannot be read: its object is gone, or it is corrupt
       TaskFailed           a task ended without a result (failed or dead)
         TaskCancelledError     it was cancelled (`Client.cancel`) before it finished
       ResultTimeoutError   no result arrived within the time asked for
@@ -127,6 +128,12 @@ class StoreFullError(PublishError):
 
 class StreamMissingError(PublishError):
     """No stream stores the subject (the server had no responder for it)."""
+
+
+class PayloadError(TaskframeError):
+    """A message body that cannot be decoded: its object in the payloads bucket is gone
+    (deleted or expired), its compression is corrupt, or the `compression` extra that
+    reads it is not installed."""
 
 
 class TaskFailed(TaskframeError):

@@ -41,6 +41,7 @@ _COMPARED = (
     "discard",
     "allow_msg_schedules",
     "allow_msg_ttl",
+    "compression",
 )
 
 

@@ -84,6 +84,18 @@ class Settings(BaseModel):
     """Seconds to wait for the server to confirm one stored message before retrying it."""
     publish_attempts: int = Field(default=4, ge=1)
     """How many times an unconfirmed publish is sent (with the same message id) before failing."""
+    compress_over: int = Field(default=0, ge=0)
+    """Bodies of tasks, events and results larger than this many bytes are sent compressed
+    (zstd, header `Tf-Encoding`); 0: never. Needs the `compression` extra wherever such
+    bodies are written or read."""
+    offload_over: int = Field(default=512 * 1024, ge=1024)
+    """Bodies larger than this many bytes (once compressed) are stored in the namespace's
+    payloads bucket and the message carries a reference (header `Tf-Payload`); never more
+    than the server's max_payload less 16 KiB."""
+    payload_ttl: float = Field(default=14 * 86_400.0, gt=0)
+    """Seconds an object in the payloads bucket is kept at most: a task's is deleted once
+    it is acked, this removes the rest (results, events, dead letters' bodies, a producer's
+    that died before publishing). Keep it above `dead_ttl`, `result_ttl` and any delay."""
     worker_heartbeat: float = Field(default=5.0, ge=1.0)
     """Seconds between a worker's writes of its registry record; a worker that stops writing
     (killed, frozen, cut off) drops out of `Client.workers()` within three of them."""

@@ -28,6 +28,7 @@ import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
@@ -146,7 +147,9 @@ class Settler:
         if not self._leases.still_ours(lease):
             return False
         msg = lease.msg
-        if how == "ack":
+        if how == "ack" and lease.about and lease.about[3] and wire.PAYLOAD in (msg.headers or {}):
+            await payloads.ack_and_delete(self._client, msg)  # a task's body, in the bucket
+        elif how == "ack":
             await msg.ack()
         elif how == "nak":
             await msg.nak(delay=delay)

@@ -1,0 +1,157 @@
+"""Bodies on the wire: zstd-compressed over `compress_over`, stored in the payloads bucket
+over `offload_over` (a claim check), transparent to producers, handlers and results.
+
+Sizes are kept small except where the size is the point (one 20 MiB round trip, one
+20 MiB task for the kill test); the bench (bench/payloads.py) measures the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.js.errors import NotFoundError
+
+from taskframe import App, Client, Context, DeadLetter, Event, Task, TaskState, connect, provision
+from taskframe import _payloads as payloads
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe.testing import NatsServer, eventually, running_worker
+
+
+class Echo(Task[str], queue="payloads"):
+    text: str
+    fail: bool = False
+
+
+class Noted(Event, name="payloads.noted"):
+    text: str
+
+
+def order(n: int) -> str:
+    """A realistic JSON document of about 10 KB: an order with its lines."""
+    lines = [
+        {"sku": f"SKU-{i:05d}", "name": f"Widget model {i}", "qty": i % 7 + 1, "price": 19.99}
+        for i in range(n)
+    ]
+    return json.dumps(
+        {"order": "A-1001", "customer": {"name": "Ada", "city": "Paris"}, "lines": lines}
+    )
+
+
+def build(namespace: str, seen: list[str] | None = None) -> App:
+    app = App(namespace)
+
+    @app.handle(Echo, max_attempts=1)
+    async def echo(job: Echo, ctx: Context) -> str:
+        if job.fail:
+            raise RuntimeError("fails on purpose")
+        return job.text[::-1]
+
+    @app.subscribe(Noted, group="notes")
+    async def noted(event: Noted, ctx: Context) -> None:
+        assert seen is not None
+        seen.append(event.text)
+
+    return app
+
+
+@pytest.fixture
+async def packed(nats_server: NatsServer, namespace: str, client: Client) -> AsyncIterator[Client]:
+    """A client of the test's namespace that compresses bodies over 1 KiB."""
+    async with connect(nats_server.url, namespace=namespace, compress_over=1024) as tf:
+        yield tf
+
+
+async def first_message(client: Client, stream: str) -> tuple[dict[str, str], bytes]:
+    msg = await client.js.get_msg(stream, seq=1)
+    return msg.headers or {}, msg.data or b""
+
+
+async def chunks(client: Client, name: str) -> int:
+    """How many chunks of object `name` the payloads bucket still stores."""
+    store = payloads._store(client.js, client.namespace)
+    try:
+        info = await store.get_info(name, show_deleted=True)
+    except NotFoundError:
+        return 0
+    bucket = topology.payloads_bucket(client.namespace)
+    stream = await client.js.stream_info(
+        f"OBJ_{bucket}", subjects_filter=f"$O.{bucket}.C.{info.nuid}"
+    )
+    return stream.state.messages if stream.state.subjects else 0
+
+
+async def test_a_20_mib_task_round_trips_with_its_20_mib_result_and_its_object_goes(
+    client: Client,
+) -> None:
+    text = os.urandom(10 * 2**20).hex()  # 20 MiB that do not compress
+    run = await client.enqueue(Echo(text=text))
+    headers, body = await first_message(client, topology.queue_stream(client.namespace, "payloads"))
+    assert body == b""
+    name = headers[wire.PAYLOAD]
+    assert await chunks(client, name) > 0
+
+    async with running_worker(build(client.namespace), client):
+        assert await run.result(timeout=60) == text[::-1]
+        await eventually(lambda: _gone(client, name), "the task's object to be deleted")
+    record = await client.js.get_last_msg(
+        topology.results_stream(client.namespace), topology.result_subject(client.namespace, run.id)
+    )
+    assert wire.PAYLOAD in (record.headers or {})  # the result went to the bucket too
+    assert len(record.data or b"") == 0
+
+
+async def _gone(client: Client, name: str) -> bool:
+    return await chunks(client, name) == 0
+
+
+async def test_compressed_bodies_are_transparent_to_handlers_results_events_dead_letters_and_replay(
+    packed: Client, client: Client
+) -> None:
+    seen: list[str] = []
+    app = build(packed.namespace, seen)
+    await provision(app, packed)
+    doc = order(120)
+    run = await packed.enqueue(Echo(text=doc))
+    headers, body = await first_message(packed, topology.queue_stream(packed.namespace, "payloads"))
+    assert headers[wire.ENCODING] == "zstd"
+    assert len(body) * 3 < len(doc)  # what is stored is the compressed form
+    dead = await packed.enqueue(Echo(text=doc, fail=True))
+    await packed.publish(Noted(text=doc))
+
+    async with running_worker(app, packed):
+        assert await run.result(timeout=10) == doc[::-1]
+        record = await packed.js.get_last_msg(
+            topology.results_stream(packed.namespace),
+            topology.result_subject(packed.namespace, run.id),
+        )
+        assert (record.headers or {})[wire.ENCODING] == "zstd"  # the result is compressed too
+        assert (await client.status(run.id)).result == doc[::-1]  # type: ignore[union-attr]
+        await eventually(lambda: seen == [doc], "the compressed event to reach its subscriber")
+        assert (await dead.status()).state is TaskState.DEAD
+        [letter] = await packed.dead_letters(task_id=dead.id)
+        assert letter.reason == "failed"
+        assert letter.headers[wire.ENCODING] == "zstd"
+        assert await payloads.decode(packed.js, packed.namespace, letter.headers, letter.body) == (
+            Echo(text=doc, fail=True).model_dump_json().encode()
+        )
+        await packed.replay(letter)  # compressed body and header travel back to the queue
+        [again] = await eventually(
+            lambda: _other_letters(packed, dead.id, letter.seq), "the replayed task to die again"
+        )
+        assert again.error == "fails on purpose"  # it was read: a corrupt body is `invalid`
+        # a foreign producer's plain JSON, without the header, still works
+        ack = await packed.js.publish(
+            wire.task_subject(packed.namespace, "payloads", "Echo"),
+            json.dumps({"text": doc}).encode(),
+            headers={wire.MSG_ID: "foreign-1"},
+        )
+        assert ack.seq
+        assert await packed.handle(Echo, "foreign-1").result(timeout=10) == doc[::-1]
+
+
+async def _other_letters(client: Client, task_id: str, seq: int) -> list[DeadLetter]:
+    return [x for x in await client.dead_letters(task_id=task_id) if x.seq != seq]
