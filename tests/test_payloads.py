@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.js.api import StoreCompression
 from nats.js.errors import NotFoundError
 
 from taskframe import App, Client, Context, DeadLetter, Event, Task, TaskState, connect, provision
@@ -19,6 +21,8 @@ from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe.testing import NatsServer, eventually, running_worker
+from tests.fault_apps import Bulky
+from tests.faultkit import Procs
 
 
 class Echo(Task[str], queue="payloads"):
@@ -155,3 +159,74 @@ async def test_compressed_bodies_are_transparent_to_handlers_results_events_dead
 
 async def _other_letters(client: Client, task_id: str, seq: int) -> list[DeadLetter]:
     return [x for x in await client.dead_letters(task_id=task_id) if x.seq != seq]
+
+
+async def test_a_body_whose_object_is_gone_is_dead_lettered_with_a_clear_error(
+    nats_server: NatsServer, namespace: str, client: Client
+) -> None:
+    async with connect(nats_server.url, namespace=namespace, offload_over=1024) as small:
+        run = await small.enqueue(Echo(text="x" * 4096))
+        headers, _ = await first_message(small, topology.queue_stream(namespace, "payloads"))
+        await payloads.delete(small.js, namespace, headers[wire.PAYLOAD])
+        async with running_worker(build(namespace), small) as worker:
+            await eventually(lambda: worker.stats.dead == 1, "the task to be dead-lettered")
+            assert worker.stats.succeeded == 0
+    [letter] = await client.dead_letters(task_id=run.id)
+    assert (letter.reason, letter.error_type) == ("invalid", "PayloadError")
+    assert headers[wire.PAYLOAD] in letter.error
+    assert "deleted, or expired" in letter.error
+    assert letter.headers[wire.PAYLOAD] == headers[wire.PAYLOAD]  # kept, as it came
+
+
+async def test_an_object_whose_producer_died_before_publishing_expires_by_payload_ttl(
+    nats_server: NatsServer, namespace: str, client: Client
+) -> None:
+    async with connect(nats_server.url, namespace=namespace, payload_ttl=1.0) as tf:
+        headers: dict[str, str] = {}
+        assert await payloads.offload(tf, b"x" * (600 * 1024), headers) == b""
+        name = headers[wire.PAYLOAD]  # stored, and never published: the producer "died"
+        assert await chunks(tf, name) > 0
+        await eventually(lambda: _gone(tf, name), "the orphan to expire", timeout=10)
+
+
+async def test_a_queue_stored_compressed_on_disk_is_provisioned_with_s2_and_can_be_turned_off(
+    client: Client,
+) -> None:
+    app = build(client.namespace)
+    stream = topology.queue_stream(client.namespace, "payloads")
+    app.queue("payloads", compression=True)
+    await provision(app, client)
+    assert (await client.js.stream_info(stream)).config.compression == StoreCompression.S2
+    app.queue("payloads")
+    await provision(app, client)
+    assert (await client.js.stream_info(stream)).config.compression == StoreCompression.NONE
+
+
+async def test_a_worker_killed_mid_download_leaves_the_object_and_another_completes_the_task(
+    client: Client, nats_server: NatsServer, procs: Procs
+) -> None:
+    a = procs.worker(nats_server.url, concurrency=1)
+    await a.wait_log("worker ready")
+    run = await client.enqueue(Bulky(pad=os.urandom(10 * 2**20).hex()))
+    headers, _ = await first_message(client, topology.queue_stream(client.namespace, "work"))
+    await eventually(lambda: _downloading(client), "worker A mid-download", interval=0.005)
+    a.signal(signal.SIGKILL)
+    assert await a.wait_exit() == -signal.SIGKILL
+    assert not procs.journal.entries("start")  # its handler never began
+    assert await chunks(client, headers[wire.PAYLOAD]) > 0
+
+    b = procs.worker(nats_server.url, concurrency=1)
+    assert await run.result(timeout=30) == run.id
+    [start] = procs.journal.entries("start", run.id)
+    assert (start.pid, start.attempt) == (b.pid, 2)
+    await eventually(lambda: _gone(client, headers[wire.PAYLOAD]), "the object to be deleted")
+
+
+async def _downloading(client: Client) -> bool:
+    """Whether a worker reads an object: its consumer has chunks still to deliver."""
+    bucket = topology.payloads_bucket(client.namespace)
+    try:
+        consumers = await client.js.consumers_info(f"OBJ_{bucket}")
+    except NotFoundError:
+        return False
+    return any(c.num_pending for c in consumers)
