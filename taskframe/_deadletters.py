@@ -6,6 +6,7 @@ saying why it died; `taskframe dead` lists them and replays them to their queue.
 
 from __future__ import annotations
 
+import contextlib
 import email.header
 import json
 import re
@@ -19,11 +20,13 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from taskframe import _inbound as inbound
+from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._publish import publish_stored
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import answered
+from taskframe.errors import PayloadError
 
 if TYPE_CHECKING:
     from taskframe.client import Client
@@ -183,6 +186,11 @@ async def dead_letters(
 
 def _letter(msg: RawStreamMsg) -> DeadLetter:
     headers = {name: _text(value) for name, value in (msg.headers or {}).items()}
+    body = msg.data or b""
+    if headers.get(wire.ENCODING) == payloads.ZSTD:  # shown, and replayed, as its JSON
+        with contextlib.suppress(PayloadError):
+            body = payloads.unpack(body)
+            del headers[wire.ENCODING]
     return DeadLetter(
         seq=msg.seq or 0,
         subject=msg.subject or "",
@@ -193,7 +201,7 @@ def _letter(msg: RawStreamMsg) -> DeadLetter:
         attempts=int(headers.get(wire.ATTEMPTS, "0") or 0),
         original_subject=headers.get(wire.ORIGINAL_SUBJECT, ""),
         died_at=headers.get(wire.DIED_AT, ""),
-        body=msg.data or b"",
+        body=body,
         headers=headers,
         stored_at=msg.time,
     )

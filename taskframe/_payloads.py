@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import sys
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,7 @@ ROOM = 16 * 1024
 """Bytes under the server's max_payload left for headers (a dead letter adds its own)."""
 _EXTRA = "the `compression` extra (pip install 'taskframe[compression]')"
 _ensured: weakref.WeakSet[NATS] = weakref.WeakSet()  # connections that made sure of the bucket
+_local = threading.local()
 
 
 @functools.cache
@@ -72,13 +75,18 @@ def compress(body: bytes, headers: dict[str, str], compress_over: int) -> bytes:
     return packed
 
 
-@functools.cache
 def _compressor() -> Any:
-    return _zstd().ZstdCompressor(level=3)  # one loop uses it: never two threads at once
+    """This thread's compressor: one may not be used by two threads at once."""
+    found = getattr(_local, "compressor", None)
+    if found is None:
+        found = _local.compressor = _zstd().ZstdCompressor(level=3)
+    return found
 
 
 def limit(client: Client) -> int:
     """The largest body `client` sends in the message itself."""
+    if not client.settings.offload_over:
+        return sys.maxsize  # never offloaded: `check_size` refuses what does not fit
     return min(client.settings.offload_over, client.nc.max_payload - ROOM)
 
 
@@ -89,12 +97,22 @@ async def offload(client: Client, body: bytes, headers: dict[str, str]) -> bytes
         return body
     name = wire.new_task_id()
     try:
-        await _ensure_bucket(client)
-        await _store(client.js, client.namespace).put(name, body)
-    except (nats.errors.Error, TimeoutError) as exc:
-        raise PublishError(f"body of {len(body)} bytes not stored as an object: {exc!r}") from exc
+        await _put(client, name, body)
+    except (nats.errors.Error, TimeoutError):
+        _ensured.discard(client.nc)  # the bucket may have been deleted since: once more
+        try:
+            await _put(client, name, body)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise PublishError(f"body of {len(body)} bytes not stored: {exc!r}") from exc
     headers[wire.PAYLOAD] = name
     return b""
+
+
+async def _put(client: Client, name: str, body: bytes) -> None:
+    if client.nc not in _ensured:
+        await ensure_stream(client.js, topology.payloads_config(client.settings))
+        _ensured.add(client.nc)
+    await _store(client.js, client.namespace).put(name, body)
 
 
 def oversize(client: Client, size: int) -> bool:
@@ -110,12 +128,6 @@ async def encode(client: Client, subject: str, body: bytes, headers: dict[str, s
     body = await offload(client, compress(body, headers, client.settings.compress_over), headers)
     check_size(subject, body, headers, client.nc.max_payload)
     return body
-
-
-async def _ensure_bucket(client: Client) -> None:
-    if client.nc not in _ensured:
-        await ensure_stream(client.js, topology.payloads_config(client.settings))
-        _ensured.add(client.nc)
 
 
 def _store(js: JetStreamContext, namespace: str) -> ObjectStore:
@@ -148,6 +160,11 @@ async def decode(
         return body
     if encoding != ZSTD:
         raise PayloadError(f"unknown {wire.ENCODING} {encoding!r}: only {ZSTD!r} is read")
+    return unpack(body)
+
+
+def unpack(body: bytes) -> bytes:
+    """A zstd-compressed body decompressed; `PayloadError` if it cannot be."""
     try:
         data: bytes = _zstd().ZstdDecompressor().decompress(body)
     except ImportError as exc:

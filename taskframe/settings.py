@@ -88,10 +88,11 @@ class Settings(BaseModel):
     """Bodies of tasks, events and results larger than this many bytes are sent compressed
     (zstd, header `Tf-Encoding`); 0: never. Needs the `compression` extra wherever such
     bodies are written or read."""
-    offload_over: int = Field(default=512 * 1024, ge=1024)
+    offload_over: int = Field(default=512 * 1024, ge=0)
     """Bodies larger than this many bytes (once compressed) are stored in the namespace's
     payloads bucket and the message carries a reference (header `Tf-Payload`); never more
-    than the server's max_payload less 16 KiB."""
+    than the server's max_payload less 16 KiB. 0: never (an enqueue over max_payload then
+    raises `PayloadTooLargeError`)."""
     payload_ttl: float = Field(default=14 * 86_400.0, gt=0)
     """Seconds an object in the payloads bucket is kept at most: a task's is deleted once
     it is acked, this removes the rest (results, events, dead letters' bodies, a producer's

@@ -124,13 +124,16 @@ async def test_enqueue_many_stores_every_task_in_order(client: Client) -> None:
         assert [await r.result(timeout=10) for r in runs[:5]] == [0, 2, 4, 6, 8]
 
 
-async def test_oversize_payload_is_refused_before_sending(client: Client) -> None:
-    with pytest.raises(PayloadTooLargeError, match="over the server's max_payload") as info:
-        await client.enqueue(Blob(data="x" * 1_100_000))
-    assert info.value.size > info.value.max_payload
-    # The connection survived: the next enqueue works.
-    await client.enqueue(Add(a=1, b=1))
-    assert client.nc.is_connected
+async def test_oversize_payload_is_refused_before_sending_when_offloading_is_off(
+    nats_server: NatsServer, namespace: str, client: Client
+) -> None:
+    async with connect(nats_server.url, namespace=namespace, offload_over=0) as plain:
+        with pytest.raises(PayloadTooLargeError, match="over the server's max_payload") as info:
+            await plain.enqueue(Blob(data="x" * 1_100_000))
+        assert info.value.size > info.value.max_payload
+        # The connection survived: the next enqueue works.
+        await plain.enqueue(Add(a=1, b=1))
+        assert plain.nc.is_connected
 
 
 async def test_delayed_task_runs_no_earlier_than_asked(client: Client) -> None:

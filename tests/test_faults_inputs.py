@@ -14,7 +14,15 @@ from typing import Any
 import nats
 import pytest
 
-from taskframe import Client, PayloadTooLargeError, Task, TaskFailed, TaskState, provision
+from taskframe import (
+    Client,
+    PayloadTooLargeError,
+    Task,
+    TaskFailed,
+    TaskState,
+    connect,
+    provision,
+)
 from taskframe import _topology as topology
 from taskframe.testing import NatsServer, eventually, running_worker
 from tests.fault_apps import POISON_ATTEMPTS, Fail, Once, Poison, Work, build_app
@@ -139,18 +147,21 @@ async def test_malformed_bytes_wrong_schema_and_unknown_task_are_dead_with_their
 
 
 async def test_oversize_payload_is_refused_before_sending_and_the_connection_stays_up(
-    client: Client, procs: Procs
+    client: Client, procs: Procs, nats_server: NatsServer
 ) -> None:
     ledger = Ledger("oversize payload", procs.journal)
     limit = client.nc.max_payload
     envelope = len(Blob(data="").model_dump_json())
-    with pytest.raises(PayloadTooLargeError):
-        await ledger.enqueue(client, Blob(data="x" * 2 * limit))
-    # The body alone fits, so nats-py would send it; with its headers the server would not
-    # take it and would close the whole connection.
-    with pytest.raises(PayloadTooLargeError):
-        await ledger.enqueue(client, Blob(data="x" * (limit - envelope - 10)))
-    assert client.nc.is_connected
+    # With offloading off (by default such bodies go to the payloads bucket: test_payloads)
+    async with connect(nats_server.url, namespace=client.namespace, offload_over=0) as plain:
+        with pytest.raises(PayloadTooLargeError):
+            await ledger.enqueue(plain, Blob(data="x" * 2 * limit))
+        # The body alone fits, so nats-py would send it; with its headers the server would
+        # not take it and would close the whole connection.
+        with pytest.raises(PayloadTooLargeError):
+            await ledger.enqueue(plain, Blob(data="x" * (limit - envelope - 10)))
+        assert plain.nc.is_connected
+        assert plain.nc.stats["reconnects"] == 0
 
     async with running_worker(build_app(client.namespace, procs.journal), client):
         run = await ledger.enqueue(client, Work())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,7 +24,7 @@ from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe.testing import NatsServer, eventually, running_worker
 from tests.fault_apps import Bulky
-from tests.faultkit import Procs
+from tests.faultkit import REPO, Procs
 
 
 class Echo(Task[str], queue="payloads"):
@@ -138,11 +140,11 @@ async def test_compressed_bodies_are_transparent_to_handlers_results_events_dead
         assert (await dead.status()).state is TaskState.DEAD
         [letter] = await packed.dead_letters(task_id=dead.id)
         assert letter.reason == "failed"
-        assert letter.headers[wire.ENCODING] == "zstd"
-        assert await payloads.decode(packed.js, packed.namespace, letter.headers, letter.body) == (
-            Echo(text=doc, fail=True).model_dump_json().encode()
-        )
-        await packed.replay(letter)  # compressed body and header travel back to the queue
+        assert letter.body == Echo(text=doc, fail=True).model_dump_json().encode()  # as JSON
+        assert wire.ENCODING not in letter.headers  # so a replay sends it plain: still read
+        raw = await packed.js.get_msg(topology.dead_stream(packed.namespace), letter.seq)
+        assert (raw.headers or {})[wire.ENCODING] == "zstd"  # stored as it came, compressed
+        await packed.replay(letter)
         [again] = await eventually(
             lambda: _other_letters(packed, dead.id, letter.seq), "the replayed task to die again"
         )
@@ -161,16 +163,22 @@ async def _other_letters(client: Client, task_id: str, seq: int) -> list[DeadLet
     return [x for x in await client.dead_letters(task_id=task_id) if x.seq != seq]
 
 
-async def test_a_body_whose_object_is_gone_is_dead_lettered_with_a_clear_error(
+async def test_a_body_whose_object_is_gone_is_dead_lettered_and_delayed_and_keyed_ones_work(
     nats_server: NatsServer, namespace: str, client: Client
 ) -> None:
     async with connect(nats_server.url, namespace=namespace, offload_over=1024) as small:
         run = await small.enqueue(Echo(text="x" * 4096))
         headers, _ = await first_message(small, topology.queue_stream(namespace, "payloads"))
         await payloads.delete(small.js, namespace, headers[wire.PAYLOAD])
+        later = await small.enqueue(Echo(text="y" * 4096 + "z"), delay=0.2, key="k1")
+        again = await small.enqueue(Echo(text="y" * 4096 + "z"), delay=0.2, key="k1")
+        assert again.duplicate
+        assert await _objects(small) == 1  # the duplicate's own object was deleted at once
         async with running_worker(build(namespace), small) as worker:
+            # the schedule carried the reference to the task the server made of it
+            assert await later.result(timeout=10) == "z" + "y" * 4096
             await eventually(lambda: worker.stats.dead == 1, "the task to be dead-lettered")
-            assert worker.stats.succeeded == 0
+            assert worker.stats.succeeded == 1
     [letter] = await client.dead_letters(task_id=run.id)
     assert (letter.reason, letter.error_type) == ("invalid", "PayloadError")
     assert headers[wire.PAYLOAD] in letter.error
@@ -222,6 +230,13 @@ async def test_a_worker_killed_mid_download_leaves_the_object_and_another_comple
     await eventually(lambda: _gone(client, headers[wire.PAYLOAD]), "the object to be deleted")
 
 
+async def _objects(client: Client) -> int:
+    """How many objects the payloads bucket holds chunks of."""
+    bucket = topology.payloads_bucket(client.namespace)
+    info = await client.js.stream_info(f"OBJ_{bucket}", subjects_filter=f"$O.{bucket}.C.>")
+    return len(info.state.subjects or {})
+
+
 async def _downloading(client: Client) -> bool:
     """Whether a worker reads an object: its consumer has chunks still to deliver."""
     bucket = topology.payloads_bucket(client.namespace)
@@ -230,3 +245,26 @@ async def _downloading(client: Client) -> bool:
     except NotFoundError:
         return False
     return any(c.num_pending for c in consumers)
+
+
+def test_without_the_compression_extra_writing_and_reading_zstd_are_clear_errors() -> None:
+    script = """
+import sys
+sys.modules["zstandard"] = None  # as if the extra were not installed
+from taskframe import ConfigError, PayloadError
+from taskframe import _payloads as payloads
+assert payloads.compress(b"x" * 10, {}, 100) == b"x" * 10  # under the threshold: no import
+for call, error in ((lambda: payloads.compress(b"x" * 200, {}, 100), ConfigError),
+                    (lambda: payloads.unpack(b"\\x28\\xb5\\x2f\\xfd"), PayloadError)):
+    try:
+        call()
+    except error as exc:
+        print(exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    assert all("pip install 'taskframe[compression]'" in line for line in lines), lines

@@ -55,6 +55,7 @@ PUBLIC = [
     "AttemptTimeoutError",
     "ConfigError",
     "ConnectError",
+    "PayloadError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PublishError",
