@@ -28,6 +28,8 @@ import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from nats.errors import MsgAlreadyAckdError
+
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
@@ -44,6 +46,7 @@ from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import RECORD_RETRY, UNTIL_AVAILABLE
 from taskframe._stats import WorkerStats
+from taskframe._tolerant import publish_now
 from taskframe.errors import (
     AttemptTimeoutError,
     PublishError,
@@ -86,7 +89,7 @@ class _Confirmation:
         self.token = ""
         self.slow: asyncio.Task[None] | None = None
 
-    async def __call__(self, error: BaseException | None) -> None:
+    def __call__(self, error: BaseException | None) -> None:
         settler = self.settler
         if self not in settler._confirmations:
             return  # handed back meanwhile
@@ -100,7 +103,7 @@ class _Confirmation:
             )
             return
         try:
-            if await settler.settle(self.lease, "ack"):
+            if settler.ack_now(self.lease):
                 settler._count(self.skipped)
         except Exception as exc:  # cut off: the message is redelivered after ack_wait
             log.warning("ack of %s not sent: %r; it will be redelivered", self.task_id, exc)
@@ -143,15 +146,28 @@ class Settler:
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
     ) -> bool:
         """Ack, nak or term the leased message, unless the lease was lost."""
+        if how == "ack":
+            return self.ack_now(lease)
         if not self._leases.still_ours(lease):
             return False
         msg = lease.msg
-        if how == "ack":
-            await msg.ack()
-        elif how == "nak":
+        if how == "nak":
             await msg.nak(delay=delay)
         else:  # with a reason, which the server puts in its MSG_TERMINATED advisory
             await self._client.nc.publish(msg.reply, f"+TERM {reason}".encode())
+        lease.settled = True
+        self._settled.set()
+        return True
+
+    def ack_now(self, lease: Lease) -> bool:
+        """Ack the leased message without waiting, unless the lease was lost."""
+        if not self._leases.still_ours(lease):
+            return False
+        msg = lease.msg
+        if msg._ackd:
+            raise MsgAlreadyAckdError(msg)
+        publish_now(self._client.nc, msg.reply)  # an empty body is an ack
+        msg._ackd = True
         lease.settled = True
         self._settled.set()
         return True
