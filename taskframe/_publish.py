@@ -154,7 +154,7 @@ class Publisher:
 
         `then(error)` gets what `send`'s future would raise instead (a refusal, a status),
         or `TimeoutError` if no confirmation came within `timeout` (within a quarter of a
-        second more). It is called once, from the reply subscription's task as the
+        second more). It is called once, from the read loop as the
         confirmations arrive: it must be quick (whatever waits goes in a task of its own);
         what it raises is logged. Returns the token that `forget` takes. Raises what
         `publish_now` raises, and then `then` is never called. `subject` is not checked:
