@@ -62,14 +62,13 @@ def task(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival
     The name is the `Tf-Task` header, else the subject's 4th token; the id is `Tf-Id`, else
     `Nats-Msg-Id`, else `fallback` (`<queue>-<stream sequence>`, which taskframe makes).
     """
-    problems = []
-    tail = subject.split(".")[3:]
-    if not 1 <= len(tail) <= 2 or not all(_fits(TOKEN, token) for token in tail):
-        problems.append(
-            f"subject {quote(subject)} must end in <TaskName> or <TaskName>.<lane>, "
-            f"each 1 to {MAX_LENGTH} of [A-Za-z0-9_-]"
-        )
-    name = tail[0] if tail else ""
+    known = _task_subjects.get(subject)
+    if known is None:
+        if len(_task_subjects) >= _SUBJECTS_KEPT:  # bounded, whatever producers send
+            _task_subjects.clear()
+        known = _task_subjects[subject] = _task_subject(subject)
+    name, problem = known
+    problems = [problem] if problem else []
     if headers and (given := headers.get(wire.TASK)):
         name = given
         if not _fits(TOKEN, given):
@@ -78,6 +77,22 @@ def task(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival
                 "of [A-Za-z0-9_-]"
             )
     return _arrival(name, headers, fallback, problems)
+
+
+_SUBJECTS_KEPT = 4096
+_task_subjects: dict[str, tuple[str, str]] = {}
+"""Task subjects already checked (a queue sees few): the name each gives, and its problem."""
+
+
+def _task_subject(subject: str) -> tuple[str, str]:
+    tail = subject.split(".")[3:]
+    name = tail[0] if tail else ""
+    if not 1 <= len(tail) <= 2 or not all(_fits(TOKEN, token) for token in tail):
+        return name, (
+            f"subject {quote(subject)} must end in <TaskName> or <TaskName>.<lane>, "
+            f"each 1 to {MAX_LENGTH} of [A-Za-z0-9_-]"
+        )
+    return name, ""
 
 
 def event(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival:

@@ -193,8 +193,8 @@ async def _fetch(js: JetStreamContext, namespace: str, name: str) -> bytes:
 async def ack_and_delete(client: Client, msg: Msg) -> None:
     """Ack a task whose body is an object, then delete the object once the server has
     confirmed the ack: a task whose ack went unconfirmed may run again, and needs it."""
-    try:
-        await msg.ack_sync(timeout=client.settings.publish_timeout)
+    try:  # an ack with a reply subject: the server answers once it applied it
+        await client.nc.request(msg.reply, b"", timeout=client.settings.publish_timeout)
     except (nats.errors.Error, TimeoutError) as exc:
         log.warning("ack on %s unconfirmed (%r): its body object stays", msg.subject, exc)
         return

@@ -14,7 +14,7 @@ settles nothing of it.
 
 An ack after a status record waits for the server's confirmation that the record is
 stored, but the runner does not: it sends the record and takes its next task, and the ack
-is sent when the confirmation arrives (`_Confirmation`). Until then the message stays
+is sent when the confirmation arrives (`Confirmation`). Until then the message stays
 held, its lease renewed; a refusal, or no confirmation within `publish_timeout`, sends it
 down the awaited path (`_store_and_ack`).
 """
@@ -28,13 +28,15 @@ import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from nats.errors import MsgAlreadyAckdError
+
 from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe import _wire as wire
+from taskframe._confirmation import Confirmation
 from taskframe._deadletters import dead_letter_headers, fit
 from taskframe._leases import Lease, Leases
 from taskframe._publish import (
-    TRANSIENT,
     Ack,
     publish_stored,
     publisher,
@@ -45,6 +47,7 @@ from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import RECORD_RETRY, UNTIL_AVAILABLE
 from taskframe._stats import WorkerStats
+from taskframe._tolerant import publish_now
 from taskframe.errors import (
     AttemptTimeoutError,
     PublishError,
@@ -63,50 +66,6 @@ log = logging.getLogger("taskframe.worker")
 CONFIRMING = 1024
 """Most messages a pool holds whose ack waits for their record's confirmation (beyond its
 concurrency + prefetch: see `_credit.Credit`)."""
-
-
-class _Confirmation:
-    """A task's record sent, its message held until the server confirms storing it.
-
-    Called by the publisher with the outcome (in its reply subscription's task): once
-    stored, the message is acked if the lease still holds, counted and released; refused
-    or not confirmed within `publish_timeout`, it goes down the awaited path in a task of
-    its own. So a task is still acked only after its own record was confirmed stored.
-    """
-
-    __slots__ = ("lease", "record", "settler", "skipped", "slow", "task_id", "token")
-
-    def __init__(
-        self, settler: Settler, lease: Lease, task_id: str, record: bytes, skipped: bool
-    ) -> None:
-        self.settler = settler
-        self.lease = lease
-        self.task_id = task_id
-        self.record = record
-        self.skipped = skipped
-        self.token = ""
-        self.slow: asyncio.Task[None] | None = None
-
-    async def __call__(self, error: BaseException | None) -> None:
-        settler = self.settler
-        if self not in settler._confirmations:
-            return  # handed back meanwhile
-        if error is not None:
-            tried = 0
-            if isinstance(error, TRANSIENT):  # as publish_stored counts an unanswered attempt
-                tried = 1
-                log.warning("no confirmation for the record of %s (attempt 1)", self.task_id)
-            self.slow = asyncio.create_task(
-                settler._confirm_slowly(self, tried), name="taskframe-confirm"
-            )
-            return
-        try:
-            if await settler.settle(self.lease, "ack"):
-                settler._count(self.skipped)
-        except Exception as exc:  # cut off: the message is redelivered after ack_wait
-            log.warning("ack of %s not sent: %r; it will be redelivered", self.task_id, exc)
-        finally:
-            settler._done(self)
 
 
 class Settler:
@@ -135,7 +94,8 @@ class Settler:
         self._stats = stats
         self._stopping = stopping
         self._settled = settled
-        self._confirmations: set[_Confirmation] = set()
+        self._confirmations: set[Confirmation] = set()
+        self._deleting: set[asyncio.Task[None]] = set()
         self._none_confirming = asyncio.Event()
         self._none_confirming.set()
         self._pipelining = True
@@ -144,17 +104,34 @@ class Settler:
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
     ) -> bool:
         """Ack, nak or term the leased message, unless the lease was lost."""
+        if how == "ack":
+            return self.ack_now(lease)
+        if not self._leases.still_ours(lease):
+            return False
+        if how == "nak":
+            await lease.msg.nak(delay=delay)
+        else:  # with a reason, which the server puts in its MSG_TERMINATED advisory
+            await self._client.nc.publish(lease.msg.reply, f"+TERM {reason}".encode())
+        return self._settled_now(lease)
+
+    def ack_now(self, lease: Lease) -> bool:
+        """Ack the leased message without waiting, unless the lease was lost."""
         if not self._leases.still_ours(lease):
             return False
         msg = lease.msg
-        if how == "ack" and lease.about and lease.about[3] and wire.PAYLOAD in (msg.headers or {}):
-            await payloads.ack_and_delete(self._client, msg)  # a task's body, in the bucket
-        elif how == "ack":
-            await msg.ack()
-        elif how == "nak":
-            await msg.nak(delay=delay)
-        else:  # with a reason, which the server puts in its MSG_TERMINATED advisory
-            await self._client.nc.publish(msg.reply, f"+TERM {reason}".encode())
+        if msg._ackd:
+            raise MsgAlreadyAckdError(msg)
+        if lease.about and lease.about[3] and wire.PAYLOAD in (msg.headers or {}):
+            # A task's body in the payloads bucket: deleted once the server confirmed the ack.
+            deleting = asyncio.create_task(payloads.ack_and_delete(self._client, msg))
+            self._deleting.add(deleting)
+            deleting.add_done_callback(self._deleting.discard)
+        else:
+            publish_now(self._client.nc, msg.reply)  # an empty body is an ack
+        msg._ackd = True
+        return self._settled_now(lease)
+
+    def _settled_now(self, lease: Lease) -> bool:
         lease.settled = True
         self._settled.set()
         return True
@@ -165,7 +142,7 @@ class Settler:
         """Store the task's final status `record` (if any), then ack it.
 
         The ack waits for the server to confirm storing the record; the caller does not
-        (see `_Confirmation`): the lease is then `confirming`, and released with the ack.
+        (see `Confirmation`): the lease is then `confirming`, and released with the ack.
         Without a record, or when the record cannot even be sent, all is done here.
 
         In a full store only acks make room (a queue's stream deletes what is acked), so a
@@ -175,7 +152,7 @@ class Settler:
         warning if none comes: the task ran, but its result is not kept.
         """
         if record is not None and self._pipelining:
-            confirmation = _Confirmation(self, lease, task_id, record, skipped)
+            confirmation = Confirmation(self, lease, task_id, record, skipped)
             if await self._send(confirmation):
                 return "succeeded"
         if await self._store_and_ack(lease, task_id, record):
@@ -189,7 +166,7 @@ class Settler:
         else:
             self._stats.succeeded += 1
 
-    async def _send(self, confirmation: _Confirmation) -> bool:
+    async def _send(self, confirmation: Confirmation) -> bool:
         """Send a record whose ack waits for its confirmation; False if it could not be sent."""
         lease = confirmation.lease
         lease.confirming = True
@@ -217,7 +194,7 @@ class Settler:
             return False
         return True
 
-    async def _confirm_slowly(self, confirmation: _Confirmation, tried: int) -> None:
+    async def _confirm_slowly(self, confirmation: Confirmation, tried: int) -> None:
         """The awaited path for a record refused or not confirmed in time: `publish_stored`
         (which retries what went unanswered, `tried` times already), then the ack; acks
         first in a full store.
@@ -257,7 +234,7 @@ class Settler:
             await asyncio.wait_for(self._stopping.wait(), delay)
         return not self._stopping.is_set() and lease.valid()
 
-    def _done(self, confirmation: _Confirmation) -> None:
+    def _done(self, confirmation: Confirmation) -> None:
         """The confirmation's message is settled, or given up: release it."""
         if confirmation not in self._confirmations:
             return
@@ -268,8 +245,10 @@ class Settler:
             self._none_confirming.set()
 
     async def confirmed(self) -> None:
-        """Wait until no ack waits for a confirmation."""
+        """Wait until no ack waits for a confirmation (nor a body's object for its ack)."""
         await self._none_confirming.wait()
+        if self._deleting:
+            await asyncio.wait(self._deleting)
 
     async def hand_back(self) -> int:
         """Stop waiting for confirmations: nak every message whose ack still waits for one.
