@@ -255,18 +255,15 @@ def payloads_config(settings: Settings) -> js_api.StreamConfig:
     makes it (chunks and meta subjects), with `payload_ttl` as the backstop that removes an
     object nobody deleted."""
     bucket = payloads_bucket(settings.namespace)
-    return js_api.StreamConfig(
-        name=f"OBJ_{bucket}",
-        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
-        retention=js_api.RetentionPolicy.LIMITS,
-        storage=_storage(settings),
-        num_replicas=settings.replicas,
-        max_age=settings.payload_ttl,
-        discard=js_api.DiscardPolicy.NEW,
-        allow_rollup_hdrs=True,
-        allow_direct=True,
-        metadata={META_NAMESPACE: settings.namespace, META_KIND: "payloads"},
+    config = js_api.StreamConfig(
+        name=f"OBJ_{bucket}", subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]
     )
+    config.retention, config.storage = js_api.RetentionPolicy.LIMITS, _storage(settings)
+    config.num_replicas, config.max_age = settings.replicas, settings.payload_ttl
+    config.discard = js_api.DiscardPolicy.NEW  # a full bucket refuses an object, drops none
+    config.allow_rollup_hdrs = config.allow_direct = True  # what the object store API uses
+    config.metadata = {META_NAMESPACE: settings.namespace, META_KIND: "payloads"}
+    return config
 
 
 def events_config(settings: Settings) -> js_api.StreamConfig:
