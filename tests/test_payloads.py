@@ -163,10 +163,13 @@ async def _other_letters(client: Client, task_id: str, seq: int) -> list[DeadLet
     return [x for x in await client.dead_letters(task_id=task_id) if x.seq != seq]
 
 
-async def test_a_body_whose_object_is_gone_is_dead_lettered_and_delayed_and_keyed_ones_work(
+async def test_a_body_whose_object_is_gone_is_dead_lettered_and_delayed_keyed_and_event_ones_work(
     nats_server: NatsServer, namespace: str, client: Client
 ) -> None:
+    seen: list[str] = []
+    app = build(namespace, seen)
     async with connect(nats_server.url, namespace=namespace, offload_over=1024) as small:
+        await provision(app, small)
         run = await small.enqueue(Echo(text="x" * 4096))
         headers, _ = await first_message(small, topology.queue_stream(namespace, "payloads"))
         await payloads.delete(small.js, namespace, headers[wire.PAYLOAD])
@@ -174,11 +177,13 @@ async def test_a_body_whose_object_is_gone_is_dead_lettered_and_delayed_and_keye
         again = await small.enqueue(Echo(text="y" * 4096 + "z"), delay=0.2, key="k1")
         assert again.duplicate
         assert await _objects(small) == 1  # the duplicate's own object was deleted at once
-        async with running_worker(build(namespace), small) as worker:
+        await small.publish(Noted(text="n" * 4096))
+        async with running_worker(app, small) as worker:
             # the schedule carried the reference to the task the server made of it
             assert await later.result(timeout=10) == "z" + "y" * 4096
             await eventually(lambda: worker.stats.dead == 1, "the task to be dead-lettered")
-            assert worker.stats.succeeded == 1
+            await eventually(lambda: seen == ["n" * 4096], "the large event to be read")
+            assert worker.stats.succeeded == 2  # the delayed task and the event
     [letter] = await client.dead_letters(task_id=run.id)
     assert (letter.reason, letter.error_type) == ("invalid", "PayloadError")
     assert headers[wire.PAYLOAD] in letter.error
@@ -238,13 +243,14 @@ async def _objects(client: Client) -> int:
 
 
 async def _downloading(client: Client) -> bool:
-    """Whether a worker reads an object: its consumer has chunks still to deliver."""
+    """Whether a worker reads an object, with 20 of its 128 KiB chunks (of 160) or more
+    still to be sent to it: far enough from the end that a kill now is mid-download."""
     bucket = topology.payloads_bucket(client.namespace)
     try:
         consumers = await client.js.consumers_info(f"OBJ_{bucket}")
     except NotFoundError:
         return False
-    return any(c.num_pending for c in consumers)
+    return any(c.num_pending >= 20 for c in consumers)
 
 
 def test_without_the_compression_extra_writing_and_reading_zstd_are_clear_errors() -> None:
