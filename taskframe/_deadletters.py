@@ -163,22 +163,56 @@ async def dead_letters(
     `task_id` here.
     Pass the last letter's `seq` as `after` to read the next page.
     """
+    found, _ = await dead_letter_page(
+        js, namespace, queue=queue, task=task, reason=reason, task_id=task_id,
+        after=after, limit=limit,
+    )  # fmt: skip
+    return found
+
+
+async def dead_letter_page(
+    js: JetStreamContext,
+    namespace: str,
+    *,
+    queue: str | None = None,
+    task: str | None = None,
+    reason: str | None = None,
+    task_id: str | None = None,
+    after: int = 0,
+    limit: int = 100,
+    scan: int | None = None,
+) -> tuple[list[DeadLetter], int]:
+    """Like `dead_letters`, reading at most `scan` letters of the queue and task asked for;
+    also returns the sequence to continue after, 0 once the stream holds no more.
+
+    The reason and task id are matched here, one letter at a time: `scan` bounds what a
+    filter that matches few letters reads for one page.
+    """
     stream = topology.dead_stream(namespace)
     subject = topology.dead_filter(namespace, queue, task)
     found: list[DeadLetter] = []
-    seq = after + 1
-    while len(found) < limit:
+    last, read = after, 0
+    while len(found) < limit and (scan is None or read < scan):
         try:
             msg = await answered(
-                f"dead letters of {namespace}", js.get_msg, stream, seq, subject, False, True
+                f"dead letters of {namespace}", js.get_msg, stream, last + 1, subject, False, True
             )
         except NotFoundError:  # no more (or no dead-letter stream yet)
-            break
-        seq = (msg.seq or seq) + 1
+            return found, 0
+        last, read = msg.seq or last + 1, read + 1
         letter = _letter(msg)
         if reason in (None, letter.reason) and task_id in (None, letter.task_id):
             found.append(letter)
-    return found
+    return found, last
+
+
+async def delete(js: JetStreamContext, namespace: str, seq: int) -> bool:
+    """Remove dead letter `seq`; False if there is none (deleted or replayed already)."""
+    stream = topology.dead_stream(namespace)
+    try:
+        return await answered(f"dead letter {seq}", js.delete_msg, stream, seq)
+    except NotFoundError:
+        return False
 
 
 def _letter(msg: RawStreamMsg) -> DeadLetter:
