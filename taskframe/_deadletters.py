@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from taskframe import _inbound as inbound
 from taskframe import _topology as topology
@@ -38,6 +38,9 @@ _DEAD_HEADERS = {
     wire.DIED_AT,
     wire.MSG_ID,
 }
+
+# Deleting a message that is not there: "no message found" (docs/server-behaviour.md).
+_NO_MESSAGE = 10057
 
 # The header names nats-py sends (RFC 7230 tokens): it raises BadHeaderError on any other.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -211,8 +214,12 @@ async def delete(js: JetStreamContext, namespace: str, seq: int) -> bool:
     stream = topology.dead_stream(namespace)
     try:
         return await answered(f"dead letter {seq}", js.delete_msg, stream, seq)
-    except NotFoundError:
+    except NotFoundError:  # no dead-letter stream
         return False
+    except APIError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return False
+        raise
 
 
 def _letter(msg: RawStreamMsg) -> DeadLetter:

@@ -395,6 +395,11 @@ async def test_dead_letters_are_deleted_one_or_all_matching_and_replayed_all_mat
         await expect(page.locator("#notice")).to_have_text("Deleted 1 dead letter.")
         assert "reason=invalid" in page.url
         assert [d.seq for d in await client.dead_letters(reason="invalid")] == invalid[1:]
+        csrf = await page.locator('input[name="csrf"]').first.get_attribute("value")
+        again = await page.request.post(
+            f"{base}/dead/{invalid[0]}/delete", form={"csrf": csrf or ""}, max_redirects=0
+        )
+        assert again.status == 404  # gone already: said so, nothing else removed
         answers.append(False)  # asked, and told no: nothing goes
         await page.locator("#delete-all").click()
         await expect(page.locator("section.letter")).to_have_count(2)
