@@ -22,6 +22,7 @@ from taskframe import _deadletters as deadletters
 from taskframe import _topology as topology
 from taskframe._dashboard_common import client_of, number, render
 from taskframe._dashboard_security import checked_form
+from taskframe._inbound import TOKEN
 from taskframe._retry import answered
 from taskframe.client import Client
 
@@ -35,7 +36,13 @@ _DONE = {"replay-all": "replayed", "delete-all": "deleted"}
 
 
 def _filters(fields: Any) -> dict[str, str | None]:
-    return {k: (fields.get(k) or "").strip() or None for k in FILTERS}
+    """The filters given; a queue or task name that is not one is an HTTP 400."""
+    found = {k: (fields.get(k) or "").strip() or None for k in FILTERS}
+    for key in ("queue", "task"):
+        name = found[key]
+        if name is not None and not TOKEN.fullmatch(name):
+            raise HTTPException(400, f"{name!r} is not a {key} name")
+    return found
 
 
 async def dead(request: Request) -> Response:

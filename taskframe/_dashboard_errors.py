@@ -65,10 +65,19 @@ async def _missing(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _refused(request: Request, exc: Exception) -> Response:
+    log.warning("dashboard page %s: broker error: %r", request.url.path, exc)
+    return _page(request, 502, "The broker refused this request", str(exc))
+
+
 def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]]:
-    """The app's handlers: a missing stream is a 404 page, an unreachable broker a 503."""
+    """The app's handlers: a missing stream is a 404 page, an unreachable broker a 503,
+    another error from the broker a 502."""
     return {
         NotFoundError: _missing,
         ConnectError: _unreachable,
-        nats.errors.Error: _unreachable,
+        nats.errors.ConnectionClosedError: _unreachable,
+        nats.errors.NoServersError: _unreachable,
+        nats.errors.TimeoutError: _unreachable,
+        nats.errors.Error: _refused,
     }

@@ -17,6 +17,7 @@ from taskframe._dashboard_common import client_of, number, render
 from taskframe._dashboard_errors import View, bounded
 from taskframe._dashboard_security import checked_form
 from taskframe._groups import group_infos
+from taskframe._inbound import TASK_ID
 from taskframe._queues import queue_infos, queue_streams
 from taskframe.errors import TaskframeError
 from taskframe.schedules import stored_schedules
@@ -81,9 +82,16 @@ async def task_fragment(request: Request) -> Response:
     return render(request, "_task.html", **await _task(request))
 
 
+def _task_id(request: Request) -> str:
+    task_id: str = request.path_params["task_id"]
+    if not TASK_ID.fullmatch(task_id):
+        raise HTTPException(400, f"{task_id!r} is not a task id")
+    return task_id
+
+
 async def _task(request: Request) -> dict[str, Any]:
     client = await client_of(request)
-    task_id = request.path_params["task_id"]
+    task_id = _task_id(request)
     return {
         "task_id": task_id,
         "status": await client.status(task_id),
@@ -116,7 +124,7 @@ async def pause(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     await checked_form(request)
-    task_id = request.path_params["task_id"]
+    task_id = _task_id(request)
     if not await _act(request, (await client_of(request)).cancel(task_id)):
         raise HTTPException(409, f"task {task_id} is finished or not known: nothing to cancel")
     return RedirectResponse(str(request.url_for("task", task_id=task_id)), status_code=303)

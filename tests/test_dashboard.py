@@ -534,3 +534,21 @@ async def test_pages_say_the_broker_is_away_and_recover_when_it_is_back(
             assert answered is not None
             assert answered.status == 200
             await expect(page.locator("main")).to_contain_text(text)
+
+
+@module_loop
+async def test_bad_ids_and_names_get_a_clear_400(client: Client, base: str) -> None:
+    run = await client.enqueue(Tick())
+    for path, said in (
+        ("/tasks/a%2Ab", "'a*b' is not a task id"),
+        ("/tasks/x%20y", "'x y' is not a task id"),
+        ("/dead?queue=%3E", "'>' is not a queue name"),
+        ("/dead?task=a.b", "'a.b' is not a task name"),
+    ):
+        status, body, _ = await _get(f"{base}{path}")
+        assert (status, body) == (400, said)
+    [queue] = await client.queues()
+    assert queue.waiting == 1
+    status, body, _ = await _get(f"{base}/tasks/{run.id}")  # the dashboard still serves
+    assert status == 200
+    assert run.id in body
