@@ -149,30 +149,6 @@ def _text(value: object) -> str:
     return raw.decode("utf-8", "replace")
 
 
-async def dead_letters(
-    js: JetStreamContext,
-    namespace: str,
-    *,
-    queue: str | None = None,
-    task: str | None = None,
-    reason: str | None = None,
-    task_id: str | None = None,
-    after: int = 0,
-    limit: int = 100,
-) -> list[DeadLetter]:
-    """The oldest `limit` dead letters of `namespace` after sequence `after`, filtered.
-
-    `queue` and `task` are matched by the server (the letter's subject), `reason` and
-    `task_id` here.
-    Pass the last letter's `seq` as `after` to read the next page.
-    """
-    found, _ = await dead_letter_page(
-        js, namespace, queue=queue, task=task, reason=reason, task_id=task_id,
-        after=after, limit=limit,
-    )  # fmt: skip
-    return found
-
-
 async def dead_letter_page(
     js: JetStreamContext,
     namespace: str,
@@ -185,11 +161,12 @@ async def dead_letter_page(
     limit: int = 100,
     scan: int | None = None,
 ) -> tuple[list[DeadLetter], int]:
-    """Like `dead_letters`, reading at most `scan` letters of the queue and task asked for;
-    also returns the sequence to continue after, 0 once the stream holds no more.
+    """The oldest `limit` dead letters of `namespace` after sequence `after`, filtered, and
+    the sequence to continue after (0 once the stream holds no more).
 
-    The reason and task id are matched here, one letter at a time: `scan` bounds what a
-    filter that matches few letters reads for one page.
+    `queue` and `task` are matched by the server (the letter's subject), `reason` and
+    `task_id` here, one letter at a time: at most `scan` letters are read (if given), so a
+    filter that matches few letters still reads a bounded page.
     """
     stream = topology.dead_stream(namespace)
     subject = topology.dead_filter(namespace, queue, task)
