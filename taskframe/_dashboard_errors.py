@@ -14,7 +14,7 @@ from nats.js.errors import NotFoundError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from taskframe.errors import ConnectError
+from taskframe.errors import ConnectError, TaskframeError
 
 View = Callable[[Request], Awaitable[Response]]
 
@@ -72,7 +72,7 @@ async def _refused(request: Request, exc: Exception) -> Response:
 
 def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]]:
     """The app's handlers: a missing stream is a 404 page, an unreachable broker a 503,
-    another error from the broker a 502."""
+    another error from the broker (or one taskframe raised on its answer) a 502."""
     return {
         NotFoundError: _missing,
         ConnectError: _unreachable,
@@ -80,4 +80,5 @@ def exception_handlers() -> Mapping[Any, Callable[[Request, Exception], Awaitabl
         nats.errors.NoServersError: _unreachable,
         nats.errors.TimeoutError: _unreachable,
         nats.errors.Error: _refused,
+        TaskframeError: _refused,  # a replay the store has no room for, ...
     }
