@@ -381,10 +381,10 @@ class Client:
         """Dead letters of this namespace, oldest first, filtered by queue, task name,
         reason ("failed", "rejected", "invalid", "unknown-task", "lost") and task id. For
         the next page pass the last letter's `seq` as `after`."""
-        return await _deadletters.dead_letters(
+        return (await _deadletters.dead_letter_page(
             self.js, self.namespace, queue=queue, task=task, reason=reason,
             task_id=task_id, after=after, limit=limit,
-        )  # fmt: skip
+        ))[0]  # fmt: skip
 
     async def pause(self, queue: str) -> None:
         """Stop handing tasks of `queue` to any worker until `resume(queue)`.
