@@ -113,7 +113,18 @@ async def test_a_repeated_key_is_enqueued_once_and_names_the_same_task(client: C
     assert not first.duplicate
     assert not other.duplicate
     assert again.id == first.id != other.id
+    assert (first.id, other.id) == ("order-42", "order-43")  # the key is the id, in any language
     assert await stored(client, "math") == 2
+
+
+@pytest.mark.parametrize("key", ["", "order:42", "a b", "a..b", ".a", "é", "k" * 257])
+async def test_a_key_that_cannot_be_a_task_id_is_refused_before_sending(
+    client: Client, key: str
+) -> None:
+    with pytest.raises(ConfigError, match="is the task id"):
+        await client.enqueue(Add(a=1, b=2), key=key)
+    await client.enqueue(Add(a=1, b=2), key="order/42.v2_=-")
+    assert await stored(client, "math") == 1
 
 
 async def test_enqueue_many_stores_every_task_in_order(client: Client) -> None:
