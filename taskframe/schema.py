@@ -89,18 +89,18 @@ def asyncapi_document(app: App, version: str = "1.0.0") -> Schema:
     for (queue, name), handler in sorted(app.handlers.items()):
         message = f"task.{queue}.{name}"
         _add_message(doc, message, handler.model.model_json_schema(ref_template=_COMPONENT_REF))
-        doc["components"]["messages"][message]["headers"] = _task_headers()
+        doc["components"]["messages"][message]["headers"] = _headers("task", wire.TASK, _NAME)
         for lane in app.options(queue).lanes:
-            channel = f"tasks.{queue}.{name}" + (
-                "" if lane == topology.DEFAULT_LANE else f".{lane}"
-            )
             address = wire.task_subject(ns, queue, name, lane)
+            channel = address.removeprefix(f"{ns}.")
             _add_channel(doc, channel, address, message, f"Task {name} of queue {queue}")
             _add_operation(doc, f"handle.{channel}", "receive", channel, message)
     for name, model in sorted(_events(app).items()):
         message = f"event.{name}"
         _add_message(doc, message, model.model_json_schema(ref_template=_COMPONENT_REF))
-        doc["components"]["messages"][message]["headers"] = _event_headers()
+        doc["components"]["messages"][message]["headers"] = _headers(
+            "event", wire.EVENT, _EVENT_NAME
+        )
         address = wire.event_subject(ns, name)
         channel = address.removeprefix(f"{ns}.")
         _add_channel(doc, channel, address, message, f"Event {name}")
@@ -122,7 +122,7 @@ def write_schemas(app: App, out: Path, version: str = "1.0.0") -> list[Path]:
     for relative, schema in files.items():
         path = out / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(schema, indent=2, sort_keys=False) + "\n")
+        path.write_text(json.dumps(schema, indent=2) + "\n")
         written.append(path)
     return written
 
@@ -167,27 +167,14 @@ def _add_operation(doc: Schema, operation: str, action: str, channel: str, messa
     }
 
 
-def _headers(properties: Schema) -> Schema:
-    return {"type": "object", "properties": properties}
-
-
-def _task_headers() -> Schema:
-    return _headers(
-        {
-            wire.MSG_ID: {**_ID, "description": "The task id, or the idempotency key (the same)."},
-            wire.ID: {**_ID, "description": "A task id other than Nats-Msg-Id."},
-            wire.TASK: {**_NAME, "description": "The task name, if not the subject's."},
+def _headers(kind: str, name_header: str, name: Schema) -> Schema:
+    """The headers a `kind` ("task" or "event") message may carry (docs/wire-format.md)."""
+    return {
+        "type": "object",
+        "properties": {
+            wire.MSG_ID: {**_ID, "description": f"The {kind} id; for a task, its key if any."},
+            wire.ID: {**_ID, "description": f"A {kind} id other than Nats-Msg-Id."},
+            name_header: {**name, "description": f"The {kind} name, if not the subject's."},
             "traceparent": _TRACEPARENT,
-        }
-    )
-
-
-def _event_headers() -> Schema:
-    return _headers(
-        {
-            wire.MSG_ID: {**_ID, "description": "The event id."},
-            wire.ID: {**_ID, "description": "An event id other than Nats-Msg-Id."},
-            wire.EVENT: {**_EVENT_NAME, "description": "The event name, if not the subject's."},
-            "traceparent": _TRACEPARENT,
-        }
-    )
+        },
+    }

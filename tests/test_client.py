@@ -50,11 +50,13 @@ class Urgent(Task[str], queue="lanes", priority="high"):
     n: int
 
 
-def stamp_app(namespace: str) -> App:
+def stamp_app(namespace: str, headers: list[dict[str, str]] | None = None) -> App:
     app = App(namespace)
 
     @app.handle(Stamp)
     async def stamp(job: Stamp, ctx: Context) -> float:
+        if headers is not None:
+            headers.append(dict(ctx.headers))
         return time.time()
 
     return app
@@ -154,11 +156,17 @@ async def test_delayed_task_runs_no_earlier_than_asked(client: Client) -> None:
 
 
 async def test_run_at_a_time_in_the_past_runs_at_once(client: Client) -> None:
-    async with running_worker(stamp_app(client.namespace), client):
+    headers: list[dict[str, str]] = []
+    async with running_worker(stamp_app(client.namespace, headers), client):
         asked = time.time()
         run = await client.enqueue(Stamp(), at=datetime.now(UTC) - timedelta(minutes=5))
         started = await run.result(timeout=10)
     assert started - asked < 1.0
+    # What the server puts on the task it publishes (docs/wire-format.md, "Delayed tasks")
+    scheduler = wire.once_subject(client.namespace, "timed", run.id)
+    assert headers == [
+        {wire.ID: run.id, "Nats-Scheduler": scheduler, "Nats-Schedule-Next": "purge"}
+    ]
 
 
 async def test_naive_datetimes_are_refused(client: Client) -> None:

@@ -1,5 +1,6 @@
 """A producer in JavaScript, written from docs/wire-format.md alone, against a real
-`taskframe worker`: its tasks (with and without a key, on a lane) and its event run, its
+`taskframe worker`: its tasks (with and without a key, on a lane) and its event run, a body
+its schema refuses is dead-lettered under its key, its
 bodies and the records it reads match the JSON Schema `taskframe schema` exported, and
 results are read both ways by the key rule.
 
@@ -57,6 +58,8 @@ async def test_a_node_producer_enqueues_publishes_and_reads_results_by_the_docum
     assert ids["keyed"] == "order-x"
     assert out["againId"] == "order-x"
     assert out["duplicate"] is True
+    bad = records.pop("bad")
+    assert (bad["state"], bad["error"]["reason"]) == ("dead", "invalid")
     assert {name: r["result"] for name, r in records.items()} == {
         "plain": "hello plain",
         "keyed": "hello keyed",
@@ -64,7 +67,9 @@ async def test_a_node_producer_enqueues_publishes_and_reads_results_by_the_docum
         "python": "hello python",  # Node read a task Python enqueued, by its key
         "event": "hello event",  # the subscriber's follow-up to Node's event, id greeted-1
     }
-    assert {r["id"] for r in records.values()} == set(ids.values())
+    assert {r["id"] for r in records.values()} | {bad["id"]} == set(ids.values())
+    [letter] = await client.dead_letters()
+    assert (letter.task_id, letter.headers["Tf-Id"], letter.reason) == ("bad-1", "bad-1", "invalid")
 
     # Python names Node's tasks by the same rules: the key, or <queue>-<stream sequence>.
     again = await client.enqueue(Greet(name="keyed"), key="order-x")

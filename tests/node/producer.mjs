@@ -2,7 +2,7 @@
 //
 //   node producer.mjs <nats url> <namespace> <schema dir> <id of a task Python enqueued>
 //
-// Enqueues Greet tasks (no key, a key twice, a priority lane), publishes a Greeted event,
+// Enqueues Greet tasks (no key, a key twice, a priority lane, a bad body), publishes a Greeted event,
 // validates every body it sends and every record it reads against the JSON Schema that
 // `taskframe schema` wrote, checks the AsyncAPI document against the published AsyncAPI
 // 3.0 schema, and waits for the results. Prints one JSON object; exits 1 on a failed check.
@@ -35,7 +35,6 @@ function check(validate, value, what) {
 const asyncapi = new Ajv07({ strict: false, validateFormats: false, allErrors: true, meta: false, validateSchema: false })
   .compile(specs.schemas["3.0.0"]);
 check(asyncapi, load("asyncapi.json"), "asyncapi.json");
-if (task({ name: 42 })) throw new Error("the task schema accepted a number as name");
 
 const nc = await connect({ servers: url });
 const js = jetstream(nc);
@@ -55,6 +54,12 @@ const plain = await enqueue({ name: "plain" });
 const keyed = await enqueue({ name: "keyed" }, { key: "order-x" });
 const again = await enqueue({ name: "keyed" }, { key: "order-x" });
 const high = await enqueue({ name: "high" }, { lane: "high" });
+// A body the schema refuses, sent anyway: a worker dead-letters it, reason "invalid".
+const bad = { name: 42 };
+if (task(bad)) throw new Error("the task schema accepted a number as name");
+const badHeaders = headers();
+badHeaders.set("Nats-Msg-Id", "bad-1");
+await js.publish(`${ns}.tasks.greetings.Greet`, encode(bad), { headers: badHeaders });
 
 const greeted = { name: "event" };
 check(event, greeted, "the event body");
@@ -79,7 +84,12 @@ async function final(id) {
 }
 
 const ids = {
-  plain: plain.id, keyed: keyed.id, high: high.id, python: pythonId, event: "after-greeted-1",
+  plain: plain.id,
+  keyed: keyed.id,
+  high: high.id,
+  python: pythonId,
+  event: "after-greeted-1",
+  bad: "bad-1",
 };
 const records = {};
 await Promise.all(Object.entries(ids).map(async ([name, id]) => {
