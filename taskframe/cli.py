@@ -228,7 +228,7 @@ def enqueue(
     app: AppRef,
     task: Annotated[str, typer.Argument(help="The task name, e.g. ResizeImage.")],
     payload: Annotated[str, typer.Argument(help="The task as JSON.")] = "{}",
-    key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key, which is the task id.")] = None,
     wait: Annotated[
         float | None, typer.Option(help="Wait up to this many seconds for the result.")
     ] = None,
