@@ -22,6 +22,7 @@ import re
 from typing import NamedTuple
 
 from taskframe import _wire as wire
+from taskframe.errors import ConfigError
 
 MAX_LENGTH = 256
 """Longest name or id: well inside the server's 4 KiB protocol line once in a subject."""
@@ -141,6 +142,20 @@ def _arrival(
     if problems:
         return Arrival(INVALID, task_id, "; ".join(problems))
     return Arrival(name, task_id)
+
+
+def key_id(key: str) -> str:
+    """The task id of idempotency key `key`: the key itself, so any language derives it.
+
+    Raises `ConfigError` for a key a worker would refuse as an id (docs/wire-format.md,
+    "Idempotency keys"): encode such a key first, e.g. `order:42` as `order/42`.
+    """
+    if not _fits(TASK_ID, key):
+        raise ConfigError(
+            f"key {quote(key)} must be 1 to {MAX_LENGTH} of [A-Za-z0-9_=/-], dots only "
+            "between them: the key is the task id (a KV key)"
+        )
+    return key
 
 
 def _fits(pattern: re.Pattern[str], value: str) -> bool:
