@@ -22,7 +22,7 @@ async def main() -> None:
         print(f"hashed {len(digests)} photos")
 
         welcome = await tf.enqueue(
-            SendEmail(to="ada@example.com", subject="Welcome"), key="welcome:ada"
+            SendEmail(to="ada@example.com", subject="Welcome"), key="welcome/ada"
         )
         await welcome.result(timeout=30)
         print("welcome email sent (at most once per key within the duplicate window)")

@@ -31,6 +31,7 @@ from taskframe.hooks import AttemptInfo, EnqueueInfo, Hook
 from taskframe.models import Event, Task
 from taskframe.provision import provision
 from taskframe.schedules import Periodic
+from taskframe.schema import asyncapi_document, json_schemas, write_schemas
 from taskframe.settings import Settings
 from taskframe.worker import Worker, WorkerStats
 
@@ -61,6 +62,10 @@ __all__ = [
     "Worker",
     "WorkerStats",
     "provision",
+    # Contracts for producers in other languages
+    "asyncapi_document",
+    "json_schemas",
+    "write_schemas",
     # Errors and signals
     "AttemptTimeoutError",
     "ConfigError",

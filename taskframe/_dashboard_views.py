@@ -12,54 +12,56 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from taskframe import _dashboard_dead as dead
+from taskframe._dashboard_common import client_of, number, render
+from taskframe._dashboard_errors import View, bounded
 from taskframe._dashboard_security import checked_form
-from taskframe.client import Client
+from taskframe._groups import group_infos
+from taskframe._inbound import TASK_ID
+from taskframe._queues import queue_infos, queue_streams
 from taskframe.errors import TaskframeError
 from taskframe.schedules import stored_schedules
 
 PAGE = 50
-REASONS = ("failed", "rejected", "invalid", "unknown-task", "lost")
-
-
-async def _client(request: Request) -> Client:
-    client: Client = await request.app.state.broker.client()
-    return client
-
-
-def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
-    context.setdefault("csrf", request.app.state.csrf)
-    response: Response = request.app.state.templates.TemplateResponse(
-        request, name, context, status_code=status_code
-    )
-    return response
 
 
 def _offset(request: Request) -> int:
-    return _number(request.query_params.get("offset"), 0)
+    return number(request.query_params.get("offset"), 0)
 
 
 async def overview(request: Request) -> Response:
-    return _render(request, "overview.html", **await _overview(request))
+    return render(request, "overview.html", **await _overview(request))
 
 
 async def overview_fragment(request: Request) -> Response:
-    return _render(request, "_overview.html", **await _overview(request))
+    return render(request, "_overview.html", **await _overview(request))
 
 
 async def _overview(request: Request) -> dict[str, Any]:
-    client = await _client(request)
-    return {"queues": await client.queues(), "workers": len(await client.workers())}
+    client = await client_of(request)
+    js, rates = client.js, request.app.state.rates
+    streams = await queue_streams(js, client.namespace)
+    throughput = {
+        queue: rates.observe(info.config.name or queue, info.state.last_seq, info.state.messages)
+        for _, queue, info in streams
+    }
+    return {
+        "queues": await queue_infos(js, client.namespace, streams),
+        "rates": throughput,
+        "groups": await group_infos(js, client.namespace),
+        "workers": len(await client.workers()),
+    }
 
 
 async def queues_json(request: Request) -> Response:
-    client = await _client(request)
+    client = await client_of(request)
     return JSONResponse([dataclasses.asdict(q) for q in await client.queues()])
 
 
 async def workers(request: Request) -> Response:
     offset = _offset(request)
-    found = await (await _client(request)).workers()
-    return _render(
+    found = await (await client_of(request)).workers()
+    return render(
         request, "workers.html", workers=found[offset : offset + PAGE], offset=offset, page=PAGE,
         more=len(found) > offset + PAGE,
     )  # fmt: skip
@@ -68,21 +70,28 @@ async def workers(request: Request) -> Response:
 async def task_lookup(request: Request) -> Response:
     task_id = request.query_params.get("id", "").strip()
     if not task_id:
-        return _render(request, "lookup.html")
+        return render(request, "lookup.html")
     return RedirectResponse(str(request.url_for("task", task_id=task_id)), status_code=303)
 
 
 async def task(request: Request) -> Response:
-    return _render(request, "task.html", **await _task(request))
+    return render(request, "task.html", **await _task(request))
 
 
 async def task_fragment(request: Request) -> Response:
-    return _render(request, "_task.html", **await _task(request))
+    return render(request, "_task.html", **await _task(request))
+
+
+def _task_id(request: Request) -> str:
+    task_id: str = request.path_params["task_id"]
+    if not TASK_ID.fullmatch(task_id):
+        raise HTTPException(400, f"{task_id!r} is not a task id")
+    return task_id
 
 
 async def _task(request: Request) -> dict[str, Any]:
-    client = await _client(request)
-    task_id = request.path_params["task_id"]
+    client = await client_of(request)
+    task_id = _task_id(request)
     return {
         "task_id": task_id,
         "status": await client.status(task_id),
@@ -90,40 +99,19 @@ async def _task(request: Request) -> dict[str, Any]:
     }
 
 
-async def dead(request: Request) -> Response:
-    q = request.query_params
-    filters = {k: q.get(k) or None for k in ("queue", "task", "reason", "task_id")}
-    after, limit = _number(q.get("after"), 0), min(_number(q.get("limit"), PAGE), 500) or 1
-    letters = await (await _client(request)).dead_letters(**filters, after=after, limit=limit)
-    shown: dict[str, Any] = {k: v for k, v in filters.items() if v}
-    if limit != PAGE:
-        shown["limit"] = limit
-    return _render(
-        request, "dead.html", letters=letters, filters=shown, reasons=REASONS, after=after,
-        more=len(letters) == limit,
-    )  # fmt: skip
-
-
-def _number(text: str | None, default: int) -> int:
-    try:
-        return max(0, int(text)) if text else default
-    except ValueError:
-        return default
-
-
 async def schedules(request: Request) -> Response:
-    client = await _client(request)
+    client = await client_of(request)
     offset = _offset(request)
-    found = await stored_schedules(client.js, client.namespace)
-    return _render(
-        request, "schedules.html", schedules=found[offset : offset + PAGE], offset=offset,
-        page=PAGE, more=len(found) > offset + PAGE,
+    found = await stored_schedules(client.js, client.namespace, offset=offset, limit=PAGE + 1)
+    return render(
+        request, "schedules.html", schedules=found[:PAGE], offset=offset, page=PAGE,
+        more=len(found) > PAGE,
     )  # fmt: skip
 
 
 async def pause(request: Request) -> Response:
     await checked_form(request)
-    client = await _client(request)
+    client = await client_of(request)
     queue, action = request.path_params["queue"], request.path_params["action"]
     if action not in ("pause", "resume"):
         raise HTTPException(404, f"no action {action!r} on a queue")
@@ -136,21 +124,10 @@ async def pause(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     await checked_form(request)
-    task_id = request.path_params["task_id"]
-    if not await _act(request, (await _client(request)).cancel(task_id)):
+    task_id = _task_id(request)
+    if not await _act(request, (await client_of(request)).cancel(task_id)):
         raise HTTPException(409, f"task {task_id} is finished or not known: nothing to cancel")
     return RedirectResponse(str(request.url_for("task", task_id=task_id)), status_code=303)
-
-
-async def replay(request: Request) -> Response:
-    await checked_form(request)
-    client = await _client(request)
-    seq = request.path_params["seq"]
-    found = await client.dead_letters(after=seq - 1, limit=1)
-    if not found or found[0].seq != seq:
-        raise HTTPException(404, f"no dead letter {seq} (replayed or removed already?)")
-    await _act(request, client.replay(found[0]))
-    return RedirectResponse(str(request.url_for("task", task_id=found[0].task_id)), 303)
 
 
 async def _act(request: Request, action: Any) -> Any:
@@ -163,17 +140,23 @@ async def _act(request: Request, action: Any) -> Any:
 
 def routes() -> list[Route]:
     """The dashboard's routes, relative to wherever it is mounted."""
+    pages: list[tuple[str, View, str, list[str] | None]] = [
+        ("/", overview, "overview", None),
+        ("/fragments/overview", overview_fragment, "overview_fragment", None),
+        ("/api/queues", queues_json, "queues_json", None),
+        ("/workers", workers, "workers", None),
+        ("/tasks", task_lookup, "lookup", None),
+        ("/tasks/{task_id}", task, "task", None),
+        ("/fragments/tasks/{task_id}", task_fragment, "task_fragment", None),
+        ("/tasks/{task_id}/cancel", cancel, "cancel", ["POST"]),
+        ("/dead", dead.dead, "dead", None),
+        ("/dead/{seq:int}/replay", dead.replay, "replay", ["POST"]),
+        ("/dead/{seq:int}/delete", dead.delete, "delete", ["POST"]),
+        ("/dead/{action:str}", dead.bulk, "dead_bulk", ["POST"]),
+        ("/schedules", schedules, "schedules", None),
+        ("/queues/{queue}/{action:str}", pause, "queue_action", ["POST"]),
+    ]
     return [
-        Route("/", overview, name="overview"),
-        Route("/fragments/overview", overview_fragment, name="overview_fragment"),
-        Route("/api/queues", queues_json, name="queues_json"),
-        Route("/workers", workers, name="workers"),
-        Route("/tasks", task_lookup, name="lookup"),
-        Route("/tasks/{task_id}", task, name="task"),
-        Route("/fragments/tasks/{task_id}", task_fragment, name="task_fragment"),
-        Route("/tasks/{task_id}/cancel", cancel, methods=["POST"], name="cancel"),
-        Route("/dead", dead, name="dead"),
-        Route("/dead/{seq:int}/replay", replay, methods=["POST"], name="replay"),
-        Route("/schedules", schedules, name="schedules"),
-        Route("/queues/{queue}/{action:str}", pause, methods=["POST"], name="queue_action"),
+        Route(path, bounded(view), methods=methods, name=name)
+        for path, view, name, methods in pages
     ]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from taskframe import _inbound as inbound
 from taskframe import _payloads as payloads
@@ -41,6 +41,9 @@ _DEAD_HEADERS = {
     wire.DIED_AT,
     wire.MSG_ID,
 }
+
+# Deleting a message that is not there: "no message found" (docs/server-behaviour.md).
+_NO_MESSAGE = 10057
 
 # The header names nats-py sends (RFC 7230 tokens): it raises BadHeaderError on any other.
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -149,7 +152,7 @@ def _text(value: object) -> str:
     return raw.decode("utf-8", "replace")
 
 
-async def dead_letters(
+async def dead_letter_page(
     js: JetStreamContext,
     namespace: str,
     *,
@@ -159,29 +162,44 @@ async def dead_letters(
     task_id: str | None = None,
     after: int = 0,
     limit: int = 100,
-) -> list[DeadLetter]:
-    """The oldest `limit` dead letters of `namespace` after sequence `after`, filtered.
+    scan: int | None = None,
+) -> tuple[list[DeadLetter], int]:
+    """The oldest `limit` dead letters of `namespace` after sequence `after`, filtered, and
+    the sequence to continue after (0 once the stream holds no more).
 
     `queue` and `task` are matched by the server (the letter's subject), `reason` and
-    `task_id` here.
-    Pass the last letter's `seq` as `after` to read the next page.
+    `task_id` here, one letter at a time: at most `scan` letters are read (if given), so a
+    filter that matches few letters still reads a bounded page.
     """
     stream = topology.dead_stream(namespace)
     subject = topology.dead_filter(namespace, queue, task)
     found: list[DeadLetter] = []
-    seq = after + 1
-    while len(found) < limit:
+    last, read = after, 0
+    while len(found) < limit and (scan is None or read < scan):
         try:
             msg = await answered(
-                f"dead letters of {namespace}", js.get_msg, stream, seq, subject, False, True
+                f"dead letters of {namespace}", js.get_msg, stream, last + 1, subject, False, True
             )
         except NotFoundError:  # no more (or no dead-letter stream yet)
-            break
-        seq = (msg.seq or seq) + 1
+            return found, 0
+        last, read = msg.seq or last + 1, read + 1
         letter = _letter(msg)
         if reason in (None, letter.reason) and task_id in (None, letter.task_id):
             found.append(letter)
-    return found
+    return found, last
+
+
+async def delete(js: JetStreamContext, namespace: str, seq: int) -> bool:
+    """Remove dead letter `seq`; False if there is none (deleted or replayed already)."""
+    stream = topology.dead_stream(namespace)
+    try:
+        return await answered(f"dead letter {seq}", js.delete_msg, stream, seq)
+    except NotFoundError:  # no dead-letter stream
+        return False
+    except APIError as exc:
+        if exc.err_code == _NO_MESSAGE:
+            return False
+        raise
 
 
 def _letter(msg: RawStreamMsg) -> DeadLetter:

@@ -19,9 +19,10 @@ Accepted (docs/wire-format.md, "What a worker accepts"):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from taskframe import _wire as wire
+from taskframe.errors import ConfigError
 
 MAX_LENGTH = 256
 """Longest name or id: well inside the server's 4 KiB protocol line once in a subject."""
@@ -44,8 +45,7 @@ TASK_ID = re.compile(r"[A-Za-z0-9_=/-]+(?:\.[A-Za-z0-9_=/-]+)*")
 _SHOWN = 200  # characters of a refused value quoted in the error
 
 
-@dataclass(frozen=True, slots=True)
-class Arrival:
+class Arrival(NamedTuple):
     """What a delivered message names, checked: usable as it is, or why not."""
 
     name: str
@@ -66,12 +66,15 @@ def task(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival
     if known is None:
         if len(_task_subjects) >= _SUBJECTS_KEPT:  # bounded, whatever producers send
             _task_subjects.clear()
+            _task_names.clear()
         known = _task_subjects[subject] = _task_subject(subject)
+        if not known[1]:
+            _task_names.add(known[0])  # a token: `Tf-Task` usually repeats it
     name, problem = known
     problems = [problem] if problem else []
     if headers and (given := headers.get(wire.TASK)):
         name = given
-        if not _fits(TOKEN, given):
+        if given not in _task_names and not _fits(TOKEN, given):
             problems.append(
                 f"task name {quote(given)} (from {wire.TASK}) must be 1 to {MAX_LENGTH} "
                 "of [A-Za-z0-9_-]"
@@ -82,6 +85,8 @@ def task(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival
 _SUBJECTS_KEPT = 4096
 _task_subjects: dict[str, tuple[str, str]] = {}
 """Task subjects already checked (a queue sees few): the name each gives, and its problem."""
+_task_names: set[str] = set()
+"""The names that valid subjects among them gave: tokens, as `Tf-Task` must be."""
 
 
 def _task_subject(subject: str) -> tuple[str, str]:
@@ -137,6 +142,20 @@ def _arrival(
     if problems:
         return Arrival(INVALID, task_id, "; ".join(problems))
     return Arrival(name, task_id)
+
+
+def key_id(key: str) -> str:
+    """The task id of idempotency key `key`: the key itself, so any language derives it.
+
+    Raises `ConfigError` for a key a worker would refuse as an id (docs/wire-format.md,
+    "Idempotency keys"): encode such a key first, e.g. `order:42` as `order/42`.
+    """
+    if not _fits(TASK_ID, key):
+        raise ConfigError(
+            f"key {quote(key)} must be 1 to {MAX_LENGTH} of [A-Za-z0-9_=/-], dots only "
+            "between them: the key is the task id (a KV key)"
+        )
+    return key
 
 
 def _fits(pattern: re.Pattern[str], value: str) -> bool:

@@ -57,10 +57,15 @@ async def queue_streams(
     return found
 
 
-async def queue_infos(js: JetStreamContext, namespace: str | None = None) -> list[QueueInfo]:
-    """Every taskframe queue (of `namespace`, if given), sorted by namespace and queue."""
+async def queue_infos(
+    js: JetStreamContext,
+    namespace: str | None = None,
+    streams: list[tuple[str, str, js_api.StreamInfo]] | None = None,
+) -> list[QueueInfo]:
+    """Every taskframe queue (of `namespace`, if given), sorted by namespace and queue;
+    `streams` is what `queue_streams` returned, if the caller has it already."""
     infos = []
-    for ns, queue, stream in await queue_streams(js, namespace):
+    for ns, queue, stream in await queue_streams(js, namespace) if streams is None else streams:
         infos.append(await _queue_info(js, ns, queue, stream))
     return sorted(infos, key=lambda q: (q.namespace, q.queue))
 

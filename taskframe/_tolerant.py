@@ -203,17 +203,38 @@ class TolerantClient(NATS):
             log.exception("message on %r dropped: nats-py could not read it", subject[:200])
 
 
+_NAMES_KEPT = 256
+_names: dict[bytes, str | None] = {}
+"""Header names already read (a worker sees few): the key each gives, or None if skipped."""
+
+
 def _fields(block: bytes) -> dict[str, str] | None:
     """nats-py's `_parse_header_lines` of a header block (None if empty): the same
-    result, for less (no generator per name)."""
+    result, for less (each name read once)."""
     fields = {}
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
-        if colon and name.isascii():
-            key = name.strip().decode()
-            if not key or key.split() == [key]:  # no whitespace inside, as nats-py checks
-                fields[key] = value.strip().decode("utf-8", "replace")
+        if not colon:
+            continue
+        try:
+            key = _names[name]
+        except KeyError:
+            key = _name(name)
+            if len(_names) >= _NAMES_KEPT:  # bounded, whatever producers send
+                _names.clear()
+            _names[name] = key
+        if key is not None:
+            fields[key] = value.strip().decode("utf-8", "replace")
     return fields or None
+
+
+def _name(name: bytes) -> str | None:
+    """The key a header name gives, or None where nats-py skips it (not ASCII, or
+    whitespace inside)."""
+    if not name.isascii():
+        return None
+    key = name.strip().decode()
+    return key if not key or key.split() == [key] else None
 
 
 async def listen(nc: NATS, subject: str, listener: Listener) -> Subscription:

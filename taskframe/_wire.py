@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,7 +43,6 @@ DIED_AT = "Tf-Died-At"
 
 _V7_CLEAR = ~((0xF << 76) | (0x3 << 62))
 _V7_SET = (0x7 << 76) | (0x2 << 62)
-_KEY_NAMESPACE = uuid.UUID("6f1c2b4e-9a8d-4c1f-8e0b-5d3a7c9e2f10")
 _MAX_HEADER_VALUE = 4096
 
 
@@ -55,11 +53,6 @@ def new_task_id() -> str:
     value = (value & _V7_CLEAR) | _V7_SET
     h = f"{value:032x}"  # formatted by hand: uuid.UUID costs more than the rest of an enqueue
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def key_task_id(namespace: str, key: str) -> str:
-    """The task id for an idempotency key: every enqueue of one key names one task."""
-    return str(uuid.uuid5(_KEY_NAMESPACE, f"{namespace}\x00{key}"))
 
 
 def now_rfc3339() -> str:
@@ -104,15 +97,14 @@ def event_subject(namespace: str, name: str) -> str:
     return f"{namespace}.events.{name}"
 
 
-def task_headers(task_id: str, msg_id: str) -> dict[str, str]:
+def task_headers(task_id: str) -> dict[str, str]:
     """The headers of a task message: as few as possible, since each costs every consumer.
 
-    The message id is the task id unless an idempotency key takes its place; the task
-    name is in the subject and the enqueue time in the stream's own timestamp.
+    The message id is the task id (an idempotency key is the task id, so one key names one
+    task in every language); the task name is in the subject and the enqueue time in the
+    stream's own timestamp.
     """
-    if msg_id == task_id:
-        return {MSG_ID: msg_id}
-    return {MSG_ID: msg_id, ID: task_id}
+    return {MSG_ID: task_id}
 
 
 def message_id(headers: dict[str, str] | None, fallback: str) -> str:

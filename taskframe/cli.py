@@ -8,11 +8,9 @@ register on the same `cli`, imported at the end of this module.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import itertools
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -22,38 +20,19 @@ from typing import Annotated, Any
 
 import typer
 
-from taskframe._cli_common import Url, cli, run_command
+from taskframe._cli_common import AppRef, Url, cli, load_app, run_command
 from taskframe._cluster import NatsCluster, fixed_specs, free_specs
 from taskframe._logs import LogFormat, configure
 from taskframe._recycle import serve
 from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._server import NatsServer, default_config
 from taskframe._supervisor import RECYCLED, Supervisor, supervise
-from taskframe.app import App
 from taskframe.client import Client, connect
 from taskframe.errors import TaskframeError, UnreachableError
 from taskframe.provision import provision
 from taskframe.worker import Worker
 
 log = logging.getLogger("taskframe.cli")
-
-AppRef = Annotated[str, typer.Argument(help="The App, as module:attribute (e.g. shop.worker:app).")]
-
-
-def load_app(ref: str) -> App:
-    """Import `module:attribute` (from the current directory too) and return the App there."""
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
-        raise typer.BadParameter(f"{ref!r} is not module:attribute", param_hint="APP")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        app = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise typer.BadParameter(f"cannot load {ref}: {exc}", param_hint="APP") from exc
-    if not isinstance(app, App):
-        raise typer.BadParameter(f"{ref} is a {type(app).__name__}, not a taskframe App")
-    return app
 
 
 @cli.command()
@@ -249,7 +228,7 @@ def enqueue(
     app: AppRef,
     task: Annotated[str, typer.Argument(help="The task name, e.g. ResizeImage.")],
     payload: Annotated[str, typer.Argument(help="The task as JSON.")] = "{}",
-    key: Annotated[str | None, typer.Option(help="Idempotency key.")] = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key, which is the task id.")] = None,
     wait: Annotated[
         float | None, typer.Option(help="Wait up to this many seconds for the result.")
     ] = None,
@@ -303,5 +282,6 @@ def main() -> None:
 from taskframe import _cli_control as _cli_control  # noqa: E402  (registers its commands)
 from taskframe import _cli_dashboard as _cli_dashboard  # noqa: E402  (registers `dashboard`)
 from taskframe import _cli_inspect as _cli_inspect  # noqa: E402
+from taskframe import _cli_schema as _cli_schema  # noqa: E402  (registers `schema`)
 from taskframe import _cli_tasks as _cli_tasks  # noqa: E402
 from taskframe import _cli_workers as _cli_workers  # noqa: E402  (registers `workers`)

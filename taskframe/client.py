@@ -27,6 +27,7 @@ from taskframe._cancels import request_cancel
 from taskframe._connection import open_connection
 from taskframe._deadletters import DeadLetter
 from taskframe._enqueue import store_task
+from taskframe._inbound import key_id
 from taskframe._payloads import delete, encode
 from taskframe._publish import publish_stored, publisher, refused_batch, unconfirmed
 from taskframe._queues import QueueInfo, queue_infos
@@ -53,8 +54,7 @@ log = logging.getLogger("taskframe.client")
 class Client:
     """A connection to NATS for one namespace: enqueues tasks and reads their results.
 
-    Construct with `taskframe.connect(...)` and use as an async context manager. The
-    constructor does no I/O.
+    Construct with `taskframe.connect(...)`, use as an async context manager; no I/O here.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -150,12 +150,12 @@ class Client:
         model = type(task)
         name = model.__tf_name__
         queue = model.__tf_queue__
-        task_id = wire.key_task_id(self.namespace, key) if key else wire.new_task_id()
+        task_id = key_id(key) if key is not None else wire.new_task_id()
         lane = priority or model.__tf_priority__
         if lane is not None:
             check_token("priority", lane)
         subject = wire.task_subject(self.namespace, queue, name, lane)
-        headers = wire.task_headers(task_id, key or task_id)
+        headers = wire.task_headers(task_id)
         if run_at is not None:
             # The server stores the schedule and enqueues the task itself when it is due;
             # custom headers are copied onto the task, Nats-Msg-Id (for dedupe) is not.
@@ -189,9 +189,9 @@ class Client:
         never confirmed it, `PayloadTooLargeError` before sending an over-size one.
 
         Args:
-            key: an idempotency key. The task is enqueued at most once per key within the
-                queue's duplicate window; a repeat returns a handle on the same task, with
-                `duplicate` set.
+            key: an idempotency key: the task id (docs/wire-format.md says which keys
+                are valid; `ConfigError` otherwise). Enqueued at most once per key within
+                the duplicate window; a repeat's handle has `duplicate` set.
             delay: seconds from now before the task may start.
             at: a timezone-aware time before which the task does not start. The server
                 holds delayed tasks (they survive its restarts) and enqueues them when due,
@@ -377,10 +377,10 @@ class Client:
         """Dead letters of this namespace, oldest first, filtered by queue, task name,
         reason ("failed", "rejected", "invalid", "unknown-task", "lost") and task id. For
         the next page pass the last letter's `seq` as `after`."""
-        return await _deadletters.dead_letters(
+        return (await _deadletters.dead_letter_page(
             self.js, self.namespace, queue=queue, task=task, reason=reason,
             task_id=task_id, after=after, limit=limit,
-        )  # fmt: skip
+        ))[0]  # fmt: skip
 
     async def pause(self, queue: str) -> None:
         """Stop handing tasks of `queue` to any worker until `resume(queue)`.

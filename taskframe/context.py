@@ -50,7 +50,7 @@ class Context:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.task_id = task_id
-        """The task's id (a UUIDv7 string, or derived from its idempotency key)."""
+        """The task's id (a UUIDv7 string, or its idempotency key)."""
         self.task = task
         """The task's name."""
         self.queue = queue

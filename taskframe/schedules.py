@@ -122,38 +122,38 @@ class StoredSchedule:
     next_fire: datetime | None
 
 
-async def stored_schedules(js: JetStreamContext, namespace: str | None) -> list[StoredSchedule]:
-    """Every periodic schedule on the server (of `namespace`, if given), with its next tick."""
-    found = []
-    now = datetime.now(UTC)
-    for ns, queue, info in await queue_streams(js, namespace):
+async def stored_schedules(
+    js: JetStreamContext, namespace: str | None, *, offset: int = 0, limit: int | None = None
+) -> list[StoredSchedule]:
+    """The periodic schedules on the server (of `namespace`, if given), with their next tick,
+    sorted by namespace, queue and name: `limit` of them from `offset` (every one if None).
+
+    The names are listed first (the streams' subject counts); only the schedules of the
+    page asked for are read.
+    """
+    listed = []
+    for ns, queue, info in sorted(await queue_streams(js, namespace), key=lambda s: s[:2]):
         prefix = _prefix(ns, queue)
         stream = info.config.name or ""
         details = await answered(
             f"stream {stream}", js.stream_info, stream, subjects_filter=f"{prefix}>"
         )
-        for subject in sorted(details.state.subjects or {}):
-            try:
-                msg = await answered(f"schedule {subject}", js.get_last_msg, stream, subject)
-            except NotFoundError:  # fired or removed meanwhile
-                continue
-            headers = msg.headers or {}
-            expression = headers.get(wire.SCHEDULE, "")
-            zone = headers.get(wire.SCHEDULE_TIME_ZONE)
-            try:
-                next_fire = Schedule.parse(expression, time_zone=zone).next_after(now, msg.time)
-            except Exception:  # an expression this version cannot evaluate: still list it
-                next_fire = None
-            found.append(
-                StoredSchedule(
-                    ns,
-                    queue,
-                    subject[len(prefix) :],
-                    headers.get(wire.TASK, "?"),
-                    expression,
-                    zone,
-                    msg.time,
-                    next_fire,
-                )
-            )
+        listed += [(ns, queue, stream, prefix, s) for s in sorted(details.state.subjects or {})]
+    end = None if limit is None else offset + limit
+    found = []
+    now = datetime.now(UTC)
+    for ns, queue, stream, prefix, subject in listed[offset:end]:
+        try:
+            msg = await answered(f"schedule {subject}", js.get_last_msg, stream, subject)
+        except NotFoundError:  # fired or removed meanwhile
+            continue
+        headers = msg.headers or {}
+        expression = headers.get(wire.SCHEDULE, "")
+        zone = headers.get(wire.SCHEDULE_TIME_ZONE)
+        try:
+            next_fire = Schedule.parse(expression, time_zone=zone).next_after(now, msg.time)
+        except Exception:  # an expression this version cannot evaluate: still list it
+            next_fire = None
+        name, task = subject[len(prefix) :], headers.get(wire.TASK, "?")
+        found.append(StoredSchedule(ns, queue, name, task, expression, zone, msg.time, next_fire))
     return found

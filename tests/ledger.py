@@ -168,7 +168,7 @@ class Ledger:
             self.no_room += 1
             raise
         except Exception:
-            self.raised.append(wire.key_task_id(client.namespace, key) if key else None)
+            self.raised.append(key)
             raise
         self.acknowledge(run)
         return run

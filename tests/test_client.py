@@ -50,11 +50,13 @@ class Urgent(Task[str], queue="lanes", priority="high"):
     n: int
 
 
-def stamp_app(namespace: str) -> App:
+def stamp_app(namespace: str, headers: list[dict[str, str]] | None = None) -> App:
     app = App(namespace)
 
     @app.handle(Stamp)
     async def stamp(job: Stamp, ctx: Context) -> float:
+        if headers is not None:
+            headers.append(dict(ctx.headers))
         return time.time()
 
     return app
@@ -113,7 +115,18 @@ async def test_a_repeated_key_is_enqueued_once_and_names_the_same_task(client: C
     assert not first.duplicate
     assert not other.duplicate
     assert again.id == first.id != other.id
+    assert (first.id, other.id) == ("order-42", "order-43")  # the key is the id, in any language
     assert await stored(client, "math") == 2
+
+
+@pytest.mark.parametrize("key", ["", "order:42", "a b", "a..b", ".a", "é", "k" * 257])
+async def test_a_key_that_cannot_be_a_task_id_is_refused_before_sending(
+    client: Client, key: str
+) -> None:
+    with pytest.raises(ConfigError, match="is the task id"):
+        await client.enqueue(Add(a=1, b=2), key=key)
+    await client.enqueue(Add(a=1, b=2), key="order/42.v2_=-")
+    assert await stored(client, "math") == 1
 
 
 async def test_enqueue_many_stores_every_task_in_order(client: Client) -> None:
@@ -146,11 +159,17 @@ async def test_delayed_task_runs_no_earlier_than_asked(client: Client) -> None:
 
 
 async def test_run_at_a_time_in_the_past_runs_at_once(client: Client) -> None:
-    async with running_worker(stamp_app(client.namespace), client):
+    headers: list[dict[str, str]] = []
+    async with running_worker(stamp_app(client.namespace, headers), client):
         asked = time.time()
         run = await client.enqueue(Stamp(), at=datetime.now(UTC) - timedelta(minutes=5))
         started = await run.result(timeout=10)
     assert started - asked < 1.0
+    # What the server puts on the task it publishes (docs/wire-format.md, "Delayed tasks")
+    scheduler = wire.once_subject(client.namespace, "timed", run.id)
+    assert headers == [
+        {wire.ID: run.id, "Nats-Scheduler": scheduler, "Nats-Schedule-Next": "purge"}
+    ]
 
 
 async def test_naive_datetimes_are_refused(client: Client) -> None:

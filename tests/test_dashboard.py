@@ -8,6 +8,7 @@ Set TASKFRAME_DASHBOARD_SHOTS=docs/dashboard to save a screenshot of each page.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -20,11 +21,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import uvicorn
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from taskframe import App, Client, Context, Task, connect
+from taskframe import App, Client, Context, Event, Task, connect
+from taskframe._dashboard_rates import WINDOW, Rates
 from taskframe.dashboard import create_app
 from taskframe.provision import provision
 from taskframe.testing import NatsServer, _delete_streams, eventually, running_worker
@@ -48,6 +50,10 @@ class Tick(Task[None], queue="dash"):
     pass
 
 
+class Noticed(Event):
+    n: int
+
+
 BROKEN = {"now": True}
 
 
@@ -67,6 +73,10 @@ def build(namespace: str) -> App:
 
     @app.handle(Tick)
     async def tick(job: Tick, ctx: Context) -> None:
+        pass
+
+    @app.subscribe(Noticed, group="audit")
+    async def audit(event: Noticed, ctx: Context) -> None:
         pass
 
     app.schedule("0 0 3 * * *", Tick(), name="nightly")
@@ -212,7 +222,6 @@ async def test_the_overview_numbers_match_taskframe_queues_json_and_refresh_live
     await client.enqueue(Tick())
     await client.enqueue(Tick(), priority="high")
     await expect(row.locator('[data-field="waiting"]')).to_have_text("3")  # without a reload
-    await shot(page, "overview")
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "taskframe", "queues", "--json"),
         *("--namespace", client.namespace, "--url", nats_server.url),
@@ -319,3 +328,227 @@ async def test_importing_taskframe_and_its_cli_does_not_import_starlette() -> No
     )  # fmt: skip
     out, _ = await proc.communicate()
     assert out.decode().strip() == "False"
+
+
+@module_loop
+async def test_the_overview_shows_throughput_and_event_groups_live(
+    client: Client, base: str, page: Page
+) -> None:
+    for n in range(3):
+        await client.publish(Noticed(n=n))
+        await client.enqueue(Tick())
+    await page.goto(base)
+    row = page.locator('tr[data-queue="dash"]')
+    await expect(row.locator('[data-field="done_per_minute"]')).to_have_text("measuring")
+    await expect(page.locator('tr[data-group="audit"] [data-field="pending"]')).to_have_text("3")
+    async with running_worker(build(client.namespace), client) as worker:
+        await eventually(lambda: worker.stats.succeeded == 6, "the ticks and events to be handled")
+        await expect(page.locator('tr[data-group="audit"] [data-field="pending"]')).to_have_text(
+            "0"
+        )
+        done = row.locator('[data-field="done_per_minute"]')
+        await expect(done).not_to_have_text("measuring")
+        await expect(done).not_to_have_text("0.0")  # the three ticks, per minute of the span
+        assert float(await done.inner_text()) > 0
+        await expect(page.locator("#throughput-note")).to_contain_text("removed from")
+        await shot(page, "overview")
+
+
+def test_throughput_rates_come_from_counter_samples_over_the_window() -> None:
+    now = [0.0]
+    rates = Rates(clock=lambda: now[0])
+    assert rates.observe("S", last_seq=10, messages=10).done_per_minute is None
+    now[0] = 30.0
+    rate = rates.observe("S", last_seq=40, messages=25)  # 30 stored, 15 removed in 30 s
+    assert (rate.stored_per_minute, rate.done_per_minute, rate.span) == (60.0, 30.0, 30.0)
+    now[0] = 30.0 + WINDOW
+    rate = rates.observe("S", last_seq=40, messages=25)  # nothing since: the old sample aged out
+    assert (rate.stored_per_minute, rate.done_per_minute) == (0.0, 0.0)
+    now[0] += 10
+    assert rates.observe("S", last_seq=2, messages=2).done_per_minute is None  # stream made anew
+
+
+@module_loop
+async def test_dead_letters_are_deleted_one_or_all_matching_and_replayed_all_matching(
+    client: Client, base: str, page: Page
+) -> None:
+    BROKEN["now"] = True
+    answers: list[bool] = []
+
+    async def answer(dialog: Dialog) -> None:
+        await (dialog.accept() if answers.pop(0) else dialog.dismiss())
+
+    page.on("dialog", answer)
+    for _ in range(3):
+        await client.js.publish(f"{client.namespace}.tasks.dash.Fragile", b"{")
+    runs = [await client.enqueue(Fragile(n=n)) for n in range(2)]
+    async with running_worker(build(client.namespace), client) as worker:
+        await eventually(lambda: worker.stats.dead == 5, "five tasks to die")
+        invalid = [d.seq for d in await client.dead_letters(reason="invalid")]
+        await page.goto(f"{base}/dead?reason=invalid")
+        answers.append(True)
+        await (
+            page.locator(f'section[data-seq="{invalid[0]}"]')
+            .get_by_role("button", name="Delete")
+            .click()
+        )
+        await expect(page.locator("#notice")).to_have_text("Deleted 1 dead letter.")
+        assert "reason=invalid" in page.url
+        assert [d.seq for d in await client.dead_letters(reason="invalid")] == invalid[1:]
+        csrf = await page.locator('input[name="csrf"]').first.get_attribute("value")
+        again = await page.request.post(
+            f"{base}/dead/{invalid[0]}/delete", form={"csrf": csrf or ""}, max_redirects=0
+        )
+        assert again.status == 404  # gone already: said so, nothing else removed
+        answers.append(False)  # asked, and told no: nothing goes
+        await page.locator("#delete-all").click()
+        await expect(page.locator("section.letter")).to_have_count(2)
+        answers.append(True)
+        await page.locator("#delete-all").click()
+        await expect(page.locator("#notice")).to_have_text("Deleted 2 dead letters.")
+        assert await client.dead_letters(reason="invalid") == []
+        assert len(await client.dead_letters(reason="failed")) == 2  # outside the filter
+        BROKEN["now"] = False
+        await page.goto(f"{base}/dead?queue=dash&reason=failed")
+        answers.append(True)
+        await page.locator("#replay-all").click()
+        await expect(page.locator("#notice")).to_have_text("Replayed 2 dead letters.")
+        assert [await run.result(timeout=10) for run in runs] == ["fixed 0", "fixed 1"]
+    assert await client.dead_letters() == []
+    assert answers == []
+
+
+async def _get(url: str, **headers: str) -> tuple[int, str, dict[str, str]]:
+    def send() -> tuple[int, str, dict[str, str]]:
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode(), dict(response.headers)
+        except urllib.error.HTTPError as refused:
+            with refused:
+                return refused.code, refused.read().decode(), dict(refused.headers)
+
+    return await asyncio.to_thread(send)
+
+
+def _env(**more: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **more}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@module_loop
+async def test_basic_auth_guards_the_cli_dashboard_and_its_password_is_never_shown(
+    client: Client, browser: Browser, nats_server: NatsServer
+) -> None:
+    password, port = "pw-Zq81-secret", _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "taskframe", "dashboard", "--port", str(port)),
+        *("--namespace", client.namespace, "--url", nats_server.url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=_env(TASKFRAME_DASHBOARD_BASIC_AUTH=f"ops:{password}"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        first = await eventually(lambda: _answer(url), "the dashboard to listen")
+        assert first is not None
+        status, _, headers = first
+        assert status == 401
+        assert headers["www-authenticate"].startswith("Basic")
+        for wrong in (f"ops:{password}x", f"root:{password}", "ops"):
+            assert (await _get(url, Authorization=_basic(wrong)))[0] == 401
+        status, body, _ = await _get(f"{url}/dead", Authorization=_basic(f"ops:{password}"))
+        assert status == 200
+        assert password not in body
+        browsing = await browser.new_context(
+            http_credentials={"username": "ops", "password": password}
+        )
+        opened = await browsing.new_page()
+        await opened.goto(f"{url}/schedules")
+        await expect(opened.locator("#schedules")).to_contain_text("nightly")
+        assert password not in await opened.content()
+        await browsing.close()
+    finally:
+        proc.terminate()
+        out, _ = await proc.communicate()
+    assert password not in out.decode()
+
+
+async def _answer(url: str) -> tuple[int, str, dict[str, str]] | None:
+    try:
+        status, body, headers = await _get(url)
+    except (urllib.error.URLError, ConnectionError):
+        return None
+    return status, body, {k.lower(): v for k, v in headers.items()}
+
+
+def _basic(credentials: str) -> str:
+    return "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+@module_loop
+async def test_the_cli_refuses_malformed_basic_auth_without_echoing_it() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "taskframe", "dashboard", "--port", "1"),
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(TASKFRAME_DASHBOARD_BASIC_AUTH="no-colon-s3cret"),
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "USER:PASSWORD" in err.decode()
+    assert "no-colon-s3cret" not in err.decode()
+
+
+@module_loop
+async def test_pages_say_the_broker_is_away_and_recover_when_it_is_back(
+    own_server: NatsServer, namespace: str, page: Page
+) -> None:
+    async with connect(own_server.url, namespace=namespace) as tf:
+        await provision(build(namespace), tf)
+    async for url in serve(create_app(url=own_server.url, namespace=namespace)):
+        await page.goto(url)
+        await expect(page.locator('tr[data-queue="dash"]')).to_be_visible()
+        own_server.kill()
+        await expect(page.locator("#banner")).to_contain_text("cannot be reached")
+        answered = await page.goto(f"{url}/dead")
+        assert answered is not None
+        assert answered.status == 503
+        await expect(page.locator("#error")).to_have_text("The broker cannot be reached")
+        own_server.start()
+        await expect(page.locator("h1")).to_have_text("Dead letters", timeout=15_000)
+        await page.goto(url)
+        await expect(page.locator('tr[data-queue="dash"]')).to_be_visible()
+        async with connect(own_server.url, namespace=namespace) as tf:
+            await _delete_streams(tf, namespace)  # every stream gone: empty pages, no errors
+        for path, text in (
+            ("/", "no queues"),
+            ("/dead", "no dead letters"),
+            ("/schedules", "no periodic"),
+        ):
+            answered = await page.goto(f"{url}{path}")
+            assert answered is not None
+            assert answered.status == 200
+            await expect(page.locator("main")).to_contain_text(text)
+
+
+@module_loop
+async def test_bad_ids_and_names_get_a_clear_400(client: Client, base: str) -> None:
+    run = await client.enqueue(Tick())
+    for path, said in (
+        ("/tasks/a%2Ab", "'a*b' is not a task id"),
+        ("/tasks/x%20y", "'x y' is not a task id"),
+        ("/dead?queue=%3E", "'>' is not a queue name"),
+        ("/dead?task=a.b", "'a.b' is not a task name"),
+    ):
+        status, body, _ = await _get(f"{base}{path}")
+        assert (status, body) == (400, said)
+    [queue] = await client.queues()
+    assert queue.waiting == 1
+    status, body, _ = await _get(f"{base}/tasks/{run.id}")  # the dashboard still serves
+    assert status == 200
+    assert run.id in body

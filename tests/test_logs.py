@@ -63,7 +63,7 @@ async def test_a_json_worker_writes_one_object_per_line_with_each_tasks_fields(
         wire.task_subject(client.namespace, "work", "Logged"),
         Logged(note="traced").model_dump_json().encode(),
         headers={
-            **wire.task_headers(traced_id, traced_id),
+            **wire.task_headers(traced_id),
             "traceparent": f"00-{TRACE}-00f067aa0ba902b7-01",
         },
     )

@@ -250,7 +250,7 @@ async def _downloading(client: Client) -> bool:
         consumers = await client.js.consumers_info(f"OBJ_{bucket}")
     except NotFoundError:
         return False
-    return any(c.num_pending >= 20 for c in consumers)
+    return any((c.num_pending or 0) >= 20 for c in consumers)
 
 
 def test_without_the_compression_extra_writing_and_reading_zstd_are_clear_errors() -> None:

@@ -51,6 +51,10 @@ PUBLIC = [
     "Worker",
     "WorkerStats",
     "provision",
+    # Contracts for producers in other languages
+    "asyncapi_document",
+    "json_schemas",
+    "write_schemas",
     # Errors and signals
     "AttemptTimeoutError",
     "ConfigError",
@@ -82,6 +86,7 @@ PUBLIC_MODULES = [
     "models",
     "provision",
     "schedules",
+    "schema",
     "settings",
     "settle",
     "testing",

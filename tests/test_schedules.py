@@ -97,6 +97,11 @@ async def test_schedules_are_reconciled_and_listed(client: Client) -> None:
     often = listed["often"].next_fire
     assert often is not None
     assert 0 < (often - datetime.now(UTC)).total_seconds() <= 300
+    # A page reads only its own schedules, in name order.
+    first = await stored_schedules(client.js, client.namespace, limit=1)
+    rest = await stored_schedules(client.js, client.namespace, offset=1, limit=5)
+    assert [s.name for s in first + rest] == ["nightly", "often"]
+    assert await stored_schedules(client.js, client.namespace, offset=2) == []
 
     # Provisioning again changes nothing; dropping a declaration removes its schedule.
     await provision(app, client)

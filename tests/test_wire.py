@@ -22,9 +22,8 @@ def test_new_task_ids_are_uuid7_and_sort_by_time() -> None:
     assert len(set(ids)) == 3
 
 
-def test_a_key_names_one_task_per_namespace() -> None:
-    assert wire.key_task_id("a", "k") == wire.key_task_id("a", "k")
-    assert wire.key_task_id("a", "k") != wire.key_task_id("b", "k")
+def test_a_key_is_the_task_id_and_the_message_id() -> None:
+    assert wire.task_headers("order-x") == {wire.MSG_ID: "order-x"}
 
 
 def test_message_id_prefers_tf_id_then_msg_id() -> None:
