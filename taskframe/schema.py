@@ -176,5 +176,15 @@ def _headers(kind: str, name_header: str, name: Schema) -> Schema:
             wire.ID: {**_ID, "description": f"A {kind} id other than Nats-Msg-Id."},
             name_header: {**name, "description": f"The {kind} name, if not the subject's."},
             "traceparent": _TRACEPARENT,
+            wire.ENCODING: {
+                "type": "string",
+                "enum": ["zstd"],
+                "description": "The body is a zstd frame of the JSON (optional on send).",
+            },
+            wire.PAYLOAD: {
+                "type": "string",
+                "description": "The body is this object in the bucket TF_<ns>_payloads; "
+                "the message's own body is empty.",
+            },
         },
     }

@@ -122,7 +122,14 @@ def test_the_asyncapi_document_names_every_subject_and_every_reference_resolves(
     key = re.compile(r"^[\w\d\.\-_]+$")  # the AsyncAPI 3.0 rule for channel and component keys
     assert all(key.match(k) for k in [*doc["channels"], *doc["operations"]])
     headers = doc["components"]["messages"]["task.images.Resize"]["headers"]["properties"]
-    assert set(headers) == {"Nats-Msg-Id", "Tf-Id", "Tf-Task", "traceparent"}
+    assert set(headers) == {
+        "Nats-Msg-Id",
+        "Tf-Id",
+        "Tf-Task",
+        "traceparent",
+        "Tf-Encoding",
+        "Tf-Payload",
+    }
     assert headers["Nats-Msg-Id"]["pattern"] == f"^{inbound.TASK_ID.pattern}$"
     assert "Size" in doc["components"]["schemas"]  # nested models are hoisted, refs rewritten
 
