@@ -21,6 +21,7 @@ from taskframe import _payloads as payloads
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe import hooks as _hooks
+from taskframe._attempt_records import AttemptRecords
 from taskframe._cancels import Cancels
 from taskframe._claims import Claim, Claims
 from taskframe._claims import Outcome as Outcome_
@@ -28,7 +29,7 @@ from taskframe._inbound import Arrival
 from taskframe._leases import Lease, Leases
 from taskframe._publish import publish_stored
 from taskframe._pull import Pool, Route
-from taskframe._results import ErrorInfo, TaskState, read_status, status_record
+from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._stats import WorkerStats
 from taskframe._timeouts import Watchdog
 from taskframe.context import Context
@@ -79,6 +80,7 @@ class Attempts:
         self.cancels = Cancels(client, lambda task_id: self._watchdog.cancel(task_id))
         """The ids of tasks cancelled on request; `start()` it before taking deliveries."""
         self._watchdog = Watchdog(self.cancels.ids)
+        self._records = AttemptRecords(client, settler)
         self._claim_poll = client.settings.ack_wait / 3
 
     async def watch_timeouts(self) -> None:
@@ -165,10 +167,14 @@ class Attempts:
         if task_id in self.cancels.ids:
             return await self._cancelled(lease, task_id, name, attempt - 1, keeps)
         if attempt > handler.max_attempts:
-            spent = await self._spent(lease, route, handler, task_id, attempt, seen)
+            spent = await self._records.spent(lease, route, handler, task_id, attempt, seen)
             if spent is not None:
                 return spent
-        task, unreadable = await self._validated(handler, msg)
+        # A plain body is read without another coroutine: every task comes here.
+        encoded = payloads.encoded(msg.headers)  # compressed, or in the payloads bucket
+        task, unreadable = (
+            await self._decoded(handler, msg) if encoded else _read(handler, msg.data)
+        )
         if unreadable is not None:
             return await self._bury(
                 seen, lease, route, arrival, attempt, "invalid", unreadable, keeps
@@ -185,21 +191,17 @@ class Attempts:
                 record = claim.record if keeps else None
                 return await self._settler.succeeded(lease, task_id, record, skipped=True)
             lease.claim = claim
-        recorded = attempt > 1 and await self._mark_started(task_id, name, attempt)
+        recorded = attempt > 1 and await self._records.mark_started(task_id, name, attempt)
         return await self._run(route, handler, task, task_id, attempt, lease, seen, recorded)
 
-    async def _validated(self, handler: Handler[Any], msg: Msg) -> tuple[Any, ErrorInfo | None]:
-        """The task a delivery carries, or why it cannot be read (it is then buried)."""
+    async def _decoded(self, handler: Handler[Any], msg: Msg) -> tuple[Any, ErrorInfo | None]:
+        """`_read` of an encoded delivery's body, or why it cannot be read."""
         try:
-            data = msg.data
-            if payloads.encoded(msg.headers):  # compressed, or in the payloads bucket
-                client = self._client
-                data = await payloads.decode(client.js, client.namespace, msg.headers, data)
-            return handler.model.model_validate_json(data), None
-        except ValidationError as exc:
-            return None, ErrorInfo(type="ValidationError", message=_short(exc))
+            client = self._client
+            data = await payloads.decode(client.js, client.namespace, msg.headers, msg.data)
         except PayloadError as exc:
             return None, ErrorInfo(type="PayloadError", message=str(exc))
+        return _read(handler, data)
 
     async def _bury(
         self,
@@ -216,79 +218,6 @@ class Attempts:
             seen.reason = reason
         name, task_id = arrival.name, arrival.task_id
         return await self._settler.bury(lease, route, name, task_id, attempt, reason, error, keeps)
-
-    async def _spent(
-        self,
-        lease: Lease,
-        route: Route,
-        handler: Handler[Any],
-        task_id: str,
-        attempt: int,
-        seen: AttemptInfo | None,
-    ) -> Outcome | None:
-        """A delivery past `max_attempts`: bury it as lost if its last allowed attempt
-        started (or ack it if it succeeded); None if it never got that far, and runs now."""
-        name = handler.name
-        started = await self._last_started(lease, task_id, attempt)
-        if started is None:
-            return "succeeded"  # acked: its final record says it succeeded
-        if started >= handler.max_attempts:
-            error = ErrorInfo(
-                type="AttemptsExhausted",
-                message=f"delivered {attempt} times; its attempt {started} never finished "
-                "(worker crashed, timed out or was cut off)",
-            )
-            keeps = handler.keeps_result
-            if seen is not None:
-                seen.reason = "lost"
-            return await self._settler.bury(
-                lease, route, name, task_id, attempt - 1, "lost", error, keeps
-            )
-        log.warning(
-            "%s %s delivered %d times, but its last attempt to start was %s: running it",
-            name,
-            task_id,
-            attempt,
-            started or "none",
-            extra=lease.fields,
-        )
-        return None
-
-    async def _mark_started(self, task_id: str, name: str, attempt: int) -> bool:
-        """Store a `running` record before a redelivery runs: what `_last_started` reads.
-        False if it could not be stored.
-
-        A first delivery writes none (the fast path); a task that crashes its worker on
-        every delivery is then buried after `max_attempts` runs, or 2 if that is 1.
-        """
-        record = status_record(task_id, name, TaskState.RUNNING, attempt)
-        subject = topology.progress_subject(self._client.namespace, task_id)
-        try:
-            await publish_stored(self._client.nc, self._client.settings, subject, record)
-        except TaskframeError as exc:  # runs all the same; a crash now leaves no trace
-            log.warning("start of %s attempt %d not recorded: %s", task_id, attempt, exc)
-            return False
-        return True
-
-    async def _last_started(self, lease: Lease, task_id: str, attempt: int) -> int | None:
-        """The last attempt of an over-delivered task that is known to have started (0:
-        none), or None if its final record says it succeeded, and it was acked here.
-
-        The server's delivery count is not a count of attempts: a consumer leader that lost
-        its quorum goes on counting deliveries that reach no worker (see
-        docs/server-behaviour.md). Records are the evidence of attempts that ran.
-        """
-        try:
-            status = await read_status(self._client.js, self._client.namespace, task_id)
-        except TaskframeError as exc:  # unknown: trust the delivery count, as before
-            log.warning("status of %s unreadable (%s): counting deliveries", task_id, exc)
-            return attempt
-        if status is None:
-            return 0
-        if status.state is TaskState.SUCCEEDED:
-            await self._settler.succeeded(lease, task_id, None, skipped=True)
-            return None
-        return status.attempt
 
     async def _await_claim(self, lease: Lease, task_id: str) -> Claim | None:
         """Claim an exactly-once task; while another worker holds the claim, wait for it.
@@ -325,7 +254,7 @@ class Attempts:
         recorded: bool = False,
     ) -> Outcome:
         """Run the handler and settle its outcome; `recorded`: its `running` record is
-        stored already (`_mark_started`)."""
+        stored already (`AttemptRecords.mark_started`)."""
         name, keeps, settler = handler.name, handler.keeps_result, self._settler
         ctx = Context(
             task_id=task_id,
@@ -372,7 +301,11 @@ class Attempts:
             return await settler.failed(lease, route, handler, task_id, attempt, exc)
         record = None
         if keeps:
-            record = await self._success_record(task_id, name, attempt, result_json)
+            record = status_record(
+                task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
+            )
+            large = payloads.oversize(self._client, len(record))
+            record = await self._stored_large(task_id, record) if large else record
         claims, claim = self._claims, lease.claim
         if claims is not None and claim is not None and not await claims.complete(claim, record):
             message = "claim on %s %s was lost while it ran: not acking"
@@ -421,14 +354,10 @@ class Attempts:
             self._stats.cancelled += 1
         return "cancelled"
 
-    async def _success_record(
-        self, task_id: str, name: str, attempt: int, result_json: bytes
-    ) -> bytes | None:
-        """The `succeeded` record the ack stores; None if it was too large for that and is
-        stored already, compressed or in the payloads bucket, with the headers that say so."""
-        record = status_record(task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json)
-        if not payloads.oversize(self._client, len(record)):
-            return record
+    async def _stored_large(self, task_id: str, record: bytes) -> bytes | None:
+        """A `succeeded` record over a payload threshold: None once it is stored, compressed
+        or in the payloads bucket, with the headers that say so; itself if compressing did
+        not make it smaller (the ack stores it)."""
         headers: dict[str, str] = {}
         subject = topology.result_subject(self._client.namespace, task_id)
         body = await payloads.encode(self._client, subject, record, headers)
@@ -440,6 +369,14 @@ class Attempts:
     async def _release(self, lease: Lease) -> None:
         if lease.claim is not None and self._claims is not None:
             await self._claims.release(lease.claim)
+
+
+def _read(handler: Handler[Any], data: bytes) -> tuple[Any, ErrorInfo | None]:
+    """The task a body holds, or why it is not one (the delivery is then buried)."""
+    try:
+        return handler.model.model_validate_json(data), None
+    except ValidationError as exc:
+        return None, ErrorInfo(type="ValidationError", message=_short(exc))
 
 
 def _short(exc: ValidationError) -> str:
