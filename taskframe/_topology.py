@@ -17,6 +17,8 @@
     rate-limit counters      stream  TF_<ns>_RATE      counters, subjects <ns>.rate.>
     worker registry          KV      TF_<ns>_workers   one key per running worker, each
                                                        write with a per-message TTL
+    flow plans, start marks  KV      TF_<ns>_flows     keys <flow id>, <flow id>.started.<node>
+    flow joins               stream  TF_<ns>_JOINS     counters <ns>.joins.<flow id>.<node>
 
 Names and configurations only, no I/O: provision.py creates and checks the objects, and
 _wire.py builds the subjects messages are published to.
@@ -400,3 +402,47 @@ def rate_config(settings: Settings, max_age: float) -> js_api.StreamConfig:
         allow_msg_counter=True,
         metadata={META_NAMESPACE: ns, META_KIND: "rate"},
     )
+
+
+def flows_bucket(namespace: str) -> str:
+    """The KV bucket of `namespace`'s flow plans and start marks."""
+    return f"TF_{namespace}_flows"
+
+
+def plan_subject(namespace: str, flow_id: str, node: int | None = None) -> str:
+    """A flow's plan (a KV key), or the mark that its node `node` was started."""
+    marked = "" if node is None else f".started.{node}"
+    return f"$KV.{flows_bucket(namespace)}.{flow_id}{marked}"
+
+
+def joins_stream(namespace: str) -> str:
+    """The counter stream of `namespace`'s flow joins."""
+    return f"TF_{namespace}_JOINS"
+
+
+def join_subject(namespace: str, flow_id: str, node: int) -> str:
+    """The counter of a flow's group `node`: how many of its members are done."""
+    return f"{namespace}.joins.{flow_id}.{node}"
+
+
+def flows_stream(namespace: str) -> str:
+    """The stream behind the flows bucket."""
+    return f"KV_{flows_bucket(namespace)}"
+
+
+def flows_config(settings: Settings) -> js_api.StreamConfig:
+    """The flows bucket: as the claims bucket (never dropped for room), kept `result_ttl`."""
+    config, bucket = claims_config(settings), flows_bucket(settings.namespace)
+    config.name, config.subjects = f"KV_{bucket}", [f"$KV.{bucket}.>"]
+    config.max_age, config.duplicate_window = settings.result_ttl, min(120.0, settings.result_ttl)
+    config.metadata = {META_NAMESPACE: settings.namespace, META_KIND: "flows"}
+    return config
+
+
+def joins_config(settings: Settings) -> js_api.StreamConfig:
+    """The join counters, kept `result_ttl`; a member's count is deduplicated for an hour."""
+    ns, config = settings.namespace, rate_config(settings, settings.result_ttl)
+    config.name, config.subjects = joins_stream(ns), [f"{ns}.joins.>"]
+    config.duplicate_window = min(3600.0, settings.result_ttl)
+    config.metadata = {META_NAMESPACE: ns, META_KIND: "joins"}
+    return config

@@ -26,6 +26,7 @@ SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
 SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
 ID = "Tf-Id"
+FLOW = "Tf-Flow"
 
 # Dead letters carry the original body and headers plus these.
 DEAD_REASON = "Tf-Dead-Reason"

@@ -203,3 +203,9 @@ async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
     await ensure_stream(js, topology.results_config(settings))
     await ensure_stream(js, topology.cancels_config(settings))
     await ensure_stream(js, topology.workers_config(settings))
+
+
+async def ensure_flows(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the namespace's flow plans bucket and join counters."""
+    await ensure_stream(js, topology.flows_config(settings))
+    await ensure_stream(js, topology.joins_config(settings))

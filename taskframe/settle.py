@@ -10,7 +10,7 @@ Each message ends in exactly one of:
              a stale ack, so this worker keeps its hands off
 
 Every outcome checks the lease first (see _leases.py), so a worker that lost a message
-settles nothing of it.
+settles nothing of it. A flow's step does its part of the flow before its ack or term.
 
 An ack after a status record waits for the server's confirmation that the record is
 stored, but the runner does not: it sends the record and takes its next task, and the ack
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._deadletters import dead_letter_headers, fit
+from taskframe._flow_steps import FlowSteps
 from taskframe._leases import Lease, Leases
 from taskframe._publish import (
     TRANSIENT,
@@ -138,6 +139,7 @@ class Settler:
         self._none_confirming = asyncio.Event()
         self._none_confirming.set()
         self._pipelining = True
+        self.flows = FlowSteps(client)
 
     async def settle(
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
@@ -171,6 +173,7 @@ class Settler:
         applies an ack a moment after it arrives: a few quick tries), or dropped with a
         warning if none comes: the task ran, but its result is not kept.
         """
+        record = await self.flows.succeeded(lease.msg.headers, task_id, record)  # a flow's join
         if record is not None and self._pipelining:
             confirmation = _Confirmation(self, lease, task_id, record, skipped)
             if await self._send(confirmation):
@@ -181,10 +184,8 @@ class Settler:
         return "lost"
 
     def _count(self, skipped: bool) -> None:
-        if skipped:
-            self._stats.skipped += 1
-        else:
-            self._stats.succeeded += 1
+        self._stats.skipped += skipped
+        self._stats.succeeded += not skipped
 
     async def _send(self, confirmation: _Confirmation) -> bool:
         """Send a record whose ack waits for its confirmation; False if it could not be sent."""
@@ -404,6 +405,7 @@ class Settler:
                 await publish_stored(self._client.nc, self._settings, subject, record)
             except TaskframeError as exc:  # the dead letter is what counts: terminate anyway
                 log.error("status of dead task %s not stored: %s", task_id, exc)
+        await self.flows.died(msg.headers, task_id, name, error, reason)  # a flow fails with it
         if await self.settle(lease, "term", reason=f"dead letter: {reason}"):
             self._stats.dead += 1
             return "dead"

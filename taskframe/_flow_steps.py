@@ -1,0 +1,193 @@
+"""A flow's steps on the worker: what follows a step that succeeded, or one that died.
+
+The settler calls `succeeded` before it acks a flow's step, and `died` before it
+terminates one. So a worker killed in between leaves the step to be redelivered, and the
+redelivery does it again; each part is idempotent:
+
+- the step's record is stored (awaited: what comes next may read it) under its task id;
+- in a chain, the next node is started; in a group, the member is counted on the group's
+  join counter with a message id naming the member, so a repeat within
+  `FLOW_DUPLICATE_WINDOW` is not counted twice. A count that reaches the group's size is
+  checked against the members' records before the group counts as done: a member counted
+  twice (after the window) can make the count reach it early, never make it fire early;
+- starting a node takes its start mark (a KV create, "enqueuing") and enqueues its steps
+  with their task ids as message ids, then sets the mark "enqueued": a repeat finds the
+  mark and enqueues nothing, or (if the first died in between) enqueues the same ids again,
+  which the queue's duplicate window drops;
+- a node is not started once the flow has a final record (dead, cancelled);
+- the root done stores the flow's `succeeded` record; a step dead stores its `dead`
+  record, naming the step. Both are created once: the first final record stays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from nats.js.errors import NotFoundError
+
+from taskframe import _topology as topology
+from taskframe import _wire as wire
+from taskframe._enqueue import store_task
+from taskframe._flow_plan import CHAIN, Plan, leaf_id, split_leaf_id
+from taskframe._flow_records import create, read_plan, step_records, write_flow_record
+from taskframe._publish import publish_stored
+from taskframe._results import ErrorInfo, TaskState, read_status
+from taskframe._retry import answered
+from taskframe.errors import PublishError
+
+if TYPE_CHECKING:
+    from taskframe.client import Client
+
+log = logging.getLogger("taskframe.flows")
+
+_INCR = "Nats-Incr"
+_PLANS_KEPT = 256
+_ENQUEUED = b"enqueued"
+
+
+class FlowSteps:
+    """One worker's handle on the flows its steps belong to (their plans cached)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+
+    @staticmethod
+    def step_of(headers: Mapping[str, str] | None, task_id: str) -> tuple[str, int] | None:
+        """(flow id, leaf) if the delivery is a flow's step, else None."""
+        flow_id = headers.get(wire.FLOW) if headers else None
+        parts = split_leaf_id(task_id) if flow_id else None
+        return parts if parts is not None and parts[0] == flow_id else None
+
+    async def plan(self, flow_id: str) -> Plan:
+        """The plan of `flow_id` (read once per worker while it is used)."""
+        plan = self._plans.get(flow_id)
+        if plan is None:
+            plan = await read_plan(self._client, flow_id)
+            if plan is None:
+                raise PublishError(f"flow {flow_id} has no plan (expired, or deleted)")
+            self._plans[flow_id] = plan
+            if len(self._plans) > _PLANS_KEPT:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(flow_id)
+        return plan
+
+    async def succeeded(
+        self, headers: Mapping[str, str] | None, task_id: str, record: bytes | None
+    ) -> bytes | None:
+        """For a flow's step: store its record, then start what follows it (see the module
+        docstring), and return None, the record being stored. Else return `record`."""
+        step = self.step_of(headers, task_id)
+        if step is None:
+            return record
+        client = self._client
+        if record is not None:
+            subject = topology.result_subject(client.namespace, task_id)
+            await publish_stored(client.nc, client.settings, subject, record)
+        await self._advance(step)
+        return None
+
+    async def _advance(self, step: tuple[str, int]) -> None:
+        client = self._client
+        flow_id, leaf = step
+        plan = await self.plan(flow_id)
+        node = plan.leaves[leaf].node
+        while (parent := plan.nodes[node].parent) >= 0:
+            up = plan.nodes[parent]
+            if up.kind == CHAIN:
+                at = up.children.index(node)
+                if at + 1 < len(up.children):
+                    await self._start(flow_id, plan, up.children[at + 1])
+                    return
+            elif len(up.children) > 1 and not await self._joined(flow_id, plan, parent, node):
+                return
+            node = parent
+        if await write_flow_record(client, flow_id, TaskState.SUCCEEDED):
+            log.info("flow %s succeeded", flow_id)
+
+    async def died(
+        self,
+        headers: Mapping[str, str] | None,
+        task_id: str,
+        name: str,
+        error: ErrorInfo,
+        reason: str,
+    ) -> None:
+        """For a flow's step that is dead: the flow fails with its error, and nothing after
+        it starts. Nothing for another task."""
+        step = self.step_of(headers, task_id)
+        if step is None:
+            return
+        flow_id = step[0]
+        failed = ErrorInfo(
+            type=error.type,
+            message=f"step {task_id} ({name}) is dead: {error.type}: {error.message}",
+            reason=reason,
+        )
+        member = {"step": task_id, "task": name}
+        if await write_flow_record(
+            self._client, flow_id, TaskState.DEAD, result=member, error=failed
+        ):
+            log.warning("flow %s failed: %s", flow_id, failed.message)
+
+    async def _joined(self, flow_id: str, plan: Plan, group: int, member: int) -> bool:
+        """Count `member` done in `group`; True once every member of it is done."""
+        ns, js = self._client.namespace, self._client.js
+        subject = topology.join_subject(ns, flow_id, group)
+        headers = {_INCR: "1", wire.MSG_ID: f"{flow_id}.{group}.{member}"}
+        ack = await answered(
+            f"join {subject}",
+            js.publish,
+            subject,
+            b"",
+            timeout=self._client.settings.publish_timeout,
+            headers=headers,
+        )
+        if ack.val is not None:
+            count = int(ack.val)
+        else:  # counted before (this member's redelivery): read the total
+            msg = await answered(
+                f"join {subject}", js.get_last_msg, topology.joins_stream(ns), subject
+            )
+            count = int(json.loads(msg.data or b"{}").get("val", 0))
+        if count < len(plan.nodes[group].children):
+            return False
+        records = await step_records(self._client, flow_id)
+        done = all(
+            (status := records.get(leaf)) is not None and status.state is TaskState.SUCCEEDED
+            for leaf in plan.finals(group)
+        )
+        if not done:
+            log.warning("join %s counted %d, but not every member is done yet", subject, count)
+        return done
+
+    async def _start(self, flow_id: str, plan: Plan, node: int) -> None:
+        """Enqueue the steps that start `node`, once (see the module docstring)."""
+        client = self._client
+        status = await read_status(client.js, client.namespace, flow_id)
+        if status is not None and status.state.final:
+            log.info("flow %s is %s: node %d not started", flow_id, status.state.value, node)
+            return
+        mark = topology.plan_subject(client.namespace, flow_id, node)
+        if not await create(client, mark, b"enqueuing"):
+            try:
+                stream = topology.flows_stream(client.namespace)
+                held = await answered(f"mark {mark}", client.js.get_last_msg, stream, mark)
+                if held.data == _ENQUEUED:
+                    return
+            except NotFoundError:
+                pass
+        for leaf in plan.starts(node):
+            step = plan.leaves[leaf]
+            task_id = leaf_id(flow_id, leaf)
+            headers = {wire.MSG_ID: task_id, wire.FLOW: flow_id}
+            body = (step.body or "").encode()
+            await store_task(
+                client.nc, client.js, client.settings, step.queue, step.subject, body, headers
+            )
+        await publish_stored(client.nc, client.settings, mark, _ENQUEUED)
