@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-STEP, CHAIN, GROUP = "step", "chain", "group"
+STEP, CHAIN, GROUP = "s", "c", "g"
 
 
 @dataclass(slots=True)
@@ -54,23 +54,32 @@ class Plan:
     leaves: list[Leaf]
 
     def to_json(self) -> bytes:
-        """The plan as stored."""
-        return json.dumps(
-            {
-                "nodes": [[n.kind, n.parent, n.children, n.leaf] for n in self.nodes],
-                "leaves": [[x.node, x.name, x.queue, x.subject, x.body] for x in self.leaves],
-            },
-            separators=(",", ":"),
-        ).encode()
+        """The plan as stored: compact, since it must fit in one message (`max_payload`).
+
+        Each subject once; a step node as [kind, parent, leaf], a leaf as [subject's
+        index, body]: a group of 10,000 tasks of one kind takes about 250 kB.
+        """
+        subjects = list(dict.fromkeys(x.subject for x in self.leaves))
+        index = {subject: i for i, subject in enumerate(subjects)}
+        nodes = [[n.kind, n.parent, n.leaf if n.kind == STEP else n.children] for n in self.nodes]
+        leaves = [[index[x.subject], x.body] for x in self.leaves]
+        plan = {"subjects": subjects, "nodes": nodes, "leaves": leaves}
+        return json.dumps(plan, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Plan:
         """A stored plan."""
         raw = json.loads(data)
-        return cls(
-            [Node(k, p, list(c), leaf) for k, p, c, leaf in raw["nodes"]],
-            [Leaf(*x) for x in raw["leaves"]],
-        )
+        nodes = [
+            Node(k, p, leaf=x) if k == STEP else Node(k, p, children=x) for k, p, x in raw["nodes"]
+        ]
+        at = {n.leaf: i for i, n in enumerate(nodes) if n.kind == STEP}
+        subjects = raw["subjects"]
+        leaves = []
+        for leaf, (subject, body) in enumerate(raw["leaves"]):
+            tokens = subjects[subject].split(".")  # <ns>.tasks.<queue>.<Task>[.<lane>]
+            leaves.append(Leaf(at[leaf], tokens[3], tokens[2], subjects[subject], body))
+        return cls(nodes, leaves)
 
     def starts(self, node: int) -> list[int]:
         """The leaves enqueued when `node` starts: a chain's first, a group's every member's."""

@@ -53,7 +53,7 @@ def build(namespace: str, journal: Journal | None = None) -> App:
         if journal is not None:
             journal.write(kind, ctx.task_id, ctx.attempt)
 
-    @app.handle(Square, backoff=FAST)
+    @app.handle(Square, max_attempts=10, backoff=FAST)  # survives the kills of its workers
     async def square(job: Square, ctx: Context) -> int:
         note("start", ctx)
         await asyncio.sleep(job.seconds)
@@ -75,7 +75,7 @@ def build(namespace: str, journal: Journal | None = None) -> App:
         note("done", ctx)
         return value
 
-    @app.handle(Collect, backoff=FAST)
+    @app.handle(Collect, max_attempts=10, backoff=FAST)
     async def collect(job: Collect, ctx: Context) -> list[int]:
         note("start", ctx)
         squares = await ctx.members(Square)

@@ -43,10 +43,11 @@ async def test_chord_of_200_with_workers_killed_repeatedly_calls_back_once_after
     kills = 0
     while not result.done() and kills < MAX_KILLS:
         victim = next(w for w in workers if w.alive)
-        await eventually(
-            lambda v=victim: result.done() or procs.journal.entries("start", pid=v.pid),
-            "the victim to be running a step",
-        )
+
+        def busy(pid: int = victim.pid) -> bool:
+            return result.done() or bool(procs.journal.entries("start", pid=pid))
+
+        await eventually(busy, "the victim to be running a step")
         victim.signal(signal.SIGKILL)
         ledger.died(victim.pid)
         assert await victim.wait_exit() == -signal.SIGKILL
@@ -65,7 +66,7 @@ async def test_chord_of_200_with_workers_killed_repeatedly_calls_back_once_after
     killed_runs = [e for e in procs.journal.entries("start") if e.pid in ledger.deaths]
     assert killed_runs, "no kill hit a running step"
     [called] = procs.journal.entries("done", callback)
-    first_done = {}
+    first_done: dict[str, float] = {}
     for entry in procs.journal.entries("done"):
         first_done.setdefault(entry.task_id, entry.at)
     assert len(first_done) == MEMBERS + 1
