@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
@@ -45,7 +46,7 @@ def _flatten(flow: Flow[Any], namespace: str) -> tuple[Plan, list[Task[Any]]]:
         return index
 
     add(flow, -1)
-    plan = Plan(nodes, leaves)
+    plan = Plan(nodes, leaves, time.time())
     first = set(plan.starts(0))
     for leaf, task in enumerate(tasks):
         if leaf not in first:

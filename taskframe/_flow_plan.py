@@ -52,6 +52,8 @@ class Plan:
 
     nodes: list[Node]
     leaves: list[Leaf]
+    created: float = 0.0
+    """When the flow was enqueued (seconds since the epoch, the producer's clock)."""
 
     def to_json(self) -> bytes:
         """The plan as stored: compact, since it must fit in one message (`max_payload`).
@@ -63,7 +65,7 @@ class Plan:
         index = {subject: i for i, subject in enumerate(subjects)}
         nodes = [[n.kind, n.parent, n.leaf if n.kind == STEP else n.children] for n in self.nodes]
         leaves = [[index[x.subject], x.body] for x in self.leaves]
-        plan = {"subjects": subjects, "nodes": nodes, "leaves": leaves}
+        plan = {"at": self.created, "subjects": subjects, "nodes": nodes, "leaves": leaves}
         return json.dumps(plan, separators=(",", ":")).encode()
 
     @classmethod
@@ -79,7 +81,7 @@ class Plan:
         for leaf, (subject, body) in enumerate(raw["leaves"]):
             tokens = subjects[subject].split(".")  # <ns>.tasks.<queue>.<Task>[.<lane>]
             leaves.append(Leaf(at[leaf], tokens[3], tokens[2], subjects[subject], body))
-        return cls(nodes, leaves)
+        return cls(nodes, leaves, raw.get("at", 0.0))
 
     def starts(self, node: int) -> list[int]:
         """The leaves enqueued when `node` starts: a chain's first, a group's every member's."""

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 FLOW_TASK = "flow"
 """The task name of a flow's own status record."""
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
-_BATCH = 512
+_BATCH = 2048
 
 
 async def read_plan(client: Client, flow_id: str) -> Plan | None:
@@ -81,17 +81,29 @@ async def step_records(
     client: Client, flow_id: str, *, final: bool = True
 ) -> dict[int, TaskStatus]:
     """The latest status record of each step of `flow_id` that has one, by leaf: final
-    records, or with `final=False` the non-final ones (`running`, `failed`).
+    records, or with `final=False` the non-final ones (`running`, `failed`)."""
+    found = await _step_bodies(client, flow_id, final)
+    return {leaf: parse_record(data) for leaf, data in found.items()}
+
+
+async def succeeded_steps(client: Client, flow_id: str) -> set[int]:
+    """The steps of `flow_id` whose final record says `succeeded` (read without building
+    a `TaskStatus` for each: a join of 10,000 members reads them all once)."""
+    found = await _step_bodies(client, flow_id, True)
+    return {leaf for leaf, data in found.items() if json.loads(data)["state"] == "succeeded"}
+
+
+async def _step_bodies(client: Client, flow_id: str, final: bool) -> dict[int, bytes]:
+    """The last record body on each step's subject, by leaf.
 
     One ephemeral consumer that delivers the last message of each step's subject: a few
     round trips however many steps the flow has.
     """
     js, ns = client.js, client.namespace
     stream = topology.results_stream(ns)
+    subject = topology.result_subject if final else topology.progress_subject
     config = js_api.ConsumerConfig(
-        filter_subject=(topology.result_subject if final else topology.progress_subject)(
-            ns, f"{flow_id}.*"
-        ),
+        filter_subject=subject(ns, f"{flow_id}.*"),
         deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=js_api.AckPolicy.NONE,
         inactive_threshold=30.0,
@@ -102,7 +114,7 @@ async def step_records(
         info = await answered(f"steps of {flow_id}", js.add_consumer, stream, config)
     except NotFoundError:
         return {}
-    found: dict[int, TaskStatus] = {}
+    found: dict[int, bytes] = {}
     try:
         if info.num_pending:
             sub = await js.pull_subscribe_bind(info.name, stream)
@@ -115,7 +127,7 @@ async def step_records(
                     for msg in msgs:
                         leaf = msg.subject.rpartition(".")[2]
                         if leaf.isdigit() and msg.data:
-                            found[int(leaf)] = parse_record(msg.data)
+                            found[int(leaf)] = msg.data
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()

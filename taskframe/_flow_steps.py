@@ -6,10 +6,11 @@ redelivery does it again; each part is idempotent:
 
 - the step's record is stored (awaited: what comes next may read it) under its task id;
 - in a chain, the next node is started; in a group, the member is counted on the group's
-  join counter with a message id naming the member, so a repeat within
-  `FLOW_DUPLICATE_WINDOW` is not counted twice. A count that reaches the group's size is
-  checked against the members' records before the group counts as done: a member counted
-  twice (after the window) can make the count reach it early, never make it fire early;
+  join counter with a message id naming the member, so a repeat within the counter's
+  duplicate window (an hour) is not counted twice. In a flow older than that, a count
+  that reaches the group's size is checked against the members' records before the group
+  counts as done: a member counted twice (after the window) can make the count reach it
+  early, never make the group fire early;
 - starting a node takes its start mark (a KV create, "enqueuing") and enqueues its steps
   with their task ids as message ids, then sets the mark "enqueued": a repeat finds the
   mark and enqueues nothing, or (if the first died in between) enqueues the same ids again,
@@ -21,8 +22,10 @@ redelivery does it again; each part is idempotent:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -33,8 +36,8 @@ from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._enqueue import store_task
 from taskframe._flow_plan import CHAIN, Plan, leaf_id, split_leaf_id
-from taskframe._flow_records import create, read_plan, step_records, write_flow_record
-from taskframe._publish import publish_stored
+from taskframe._flow_records import create, read_plan, succeeded_steps, write_flow_record
+from taskframe._publish import publish_stored, refusal
 from taskframe._results import ErrorInfo, TaskState, read_status
 from taskframe._retry import answered
 from taskframe.errors import PublishError
@@ -45,8 +48,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskframe.flows")
 
 _INCR = "Nats-Incr"
+_DEDUPED = topology.JOIN_DUPLICATE_WINDOW - 600.0
+"""A flow younger than this (its join's duplicate window, less a margin for clocks)
+cannot have had a member counted twice."""
 _PLANS_KEPT = 256
 _ENQUEUED = b"enqueued"
+
+Step = tuple[str, int]
+"""A flow's step: (flow id, leaf)."""
 
 
 class FlowSteps:
@@ -54,45 +63,39 @@ class FlowSteps:
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._plans: OrderedDict[str, asyncio.Future[Plan | None]] = OrderedDict()
 
     @staticmethod
-    def step_of(headers: Mapping[str, str] | None, task_id: str) -> tuple[str, int] | None:
+    def step_of(headers: Mapping[str, str] | None, task_id: str) -> Step | None:
         """(flow id, leaf) if the delivery is a flow's step, else None."""
         flow_id = headers.get(wire.FLOW) if headers else None
         parts = split_leaf_id(task_id) if flow_id else None
         return parts if parts is not None and parts[0] == flow_id else None
 
     async def plan(self, flow_id: str) -> Plan:
-        """The plan of `flow_id` (read once per worker while it is used)."""
-        plan = self._plans.get(flow_id)
-        if plan is None:
-            plan = await read_plan(self._client, flow_id)
-            if plan is None:
-                raise PublishError(f"flow {flow_id} has no plan (expired, or deleted)")
-            self._plans[flow_id] = plan
+        """The plan of `flow_id`, read once per worker while it is used: the steps of a
+        group that arrive together wait for one read."""
+        reading = self._plans.get(flow_id)
+        if reading is None:
+            reading = self._plans[flow_id] = asyncio.ensure_future(read_plan(self._client, flow_id))
             if len(self._plans) > _PLANS_KEPT:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(flow_id)
+        try:
+            plan = await asyncio.shield(reading)
+        except BaseException:
+            if reading.done() and self._plans.get(flow_id) is reading:
+                del self._plans[flow_id]  # read again next time
+            raise
+        if plan is None:
+            self._plans.pop(flow_id, None)
+            raise PublishError(f"flow {flow_id} has no plan (expired, or deleted)")
         return plan
 
-    async def succeeded(
-        self, headers: Mapping[str, str] | None, task_id: str, record: bytes | None
-    ) -> bytes | None:
-        """For a flow's step: store its record, then start what follows it (see the module
-        docstring), and return None, the record being stored. Else return `record`."""
-        step = self.step_of(headers, task_id)
-        if step is None:
-            return record
-        client = self._client
-        if record is not None:
-            subject = topology.result_subject(client.namespace, task_id)
-            await publish_stored(client.nc, client.settings, subject, record)
-        await self._advance(step)
-        return None
-
-    async def _advance(self, step: tuple[str, int]) -> None:
+    async def advance(self, step: Step) -> None:
+        """A flow's step succeeded and its record is stored: start what follows it (see the
+        module docstring)."""
         client = self._client
         flow_id, leaf = step
         plan = await self.plan(flow_id)
@@ -111,18 +114,9 @@ class FlowSteps:
             log.info("flow %s succeeded", flow_id)
 
     async def died(
-        self,
-        headers: Mapping[str, str] | None,
-        task_id: str,
-        name: str,
-        error: ErrorInfo,
-        reason: str,
+        self, step: Step, task_id: str, name: str, error: ErrorInfo, reason: str
     ) -> None:
-        """For a flow's step that is dead: the flow fails with its error, and nothing after
-        it starts. Nothing for another task."""
-        step = self.step_of(headers, task_id)
-        if step is None:
-            return
+        """A flow's step is dead: the flow fails with its error, and nothing after it starts."""
         flow_id = step[0]
         failed = ErrorInfo(
             type=error.type,
@@ -140,16 +134,20 @@ class FlowSteps:
         ns, js = self._client.namespace, self._client.js
         subject = topology.join_subject(ns, flow_id, group)
         headers = {_INCR: "1", wire.MSG_ID: f"{flow_id}.{group}.{member}"}
-        ack = await answered(
+        # A request, not nats-py's js.publish, whose PubAck costs more than the rest of a join.
+        reply = await answered(
             f"join {subject}",
-            js.publish,
+            self._client.nc.request,
             subject,
             b"",
             timeout=self._client.settings.publish_timeout,
             headers=headers,
         )
-        if ack.val is not None:
-            count = int(ack.val)
+        answer = json.loads(reply.data or b"{}")
+        if "error" in answer:
+            raise refusal(subject, answer["error"], topology.joins_stream(ns))
+        if answer.get("val") is not None:
+            count = int(answer["val"])
         else:  # counted before (this member's redelivery): read the total
             msg = await answered(
                 f"join {subject}", js.get_last_msg, topology.joins_stream(ns), subject
@@ -157,11 +155,10 @@ class FlowSteps:
             count = int(json.loads(msg.data or b"{}").get("val", 0))
         if count < len(plan.nodes[group].children):
             return False
-        records = await step_records(self._client, flow_id)
-        done = all(
-            (status := records.get(leaf)) is not None and status.state is TaskState.SUCCEEDED
-            for leaf in plan.finals(group)
-        )
+        if time.time() - plan.created < _DEDUPED:
+            return True  # every count so far fell within the window: none counted twice
+        succeeded = await succeeded_steps(self._client, flow_id)
+        done = all(leaf in succeeded for leaf in plan.finals(group))
         if not done:
             log.warning("join %s counted %d, but not every member is done yet", subject, count)
         return done

@@ -37,6 +37,8 @@ WORKERS = "workers"
 DEFAULT_LANE = "default"
 DEFAULT_MAX_IN_FLIGHT = 100_000
 """Default cap on tasks held by all of a queue's workers together (max_ack_pending)."""
+JOIN_DUPLICATE_WINDOW = 3600.0
+"""Seconds a flow's join remembers the members it counted (at most `result_ttl`)."""
 META_NAMESPACE = "taskframe.namespace"
 META_QUEUE = "taskframe.queue"
 META_KIND = "taskframe.kind"
@@ -443,6 +445,6 @@ def joins_config(settings: Settings) -> js_api.StreamConfig:
     """The join counters, kept `result_ttl`; a member's count is deduplicated for an hour."""
     ns, config = settings.namespace, rate_config(settings, settings.result_ttl)
     config.name, config.subjects = joins_stream(ns), [f"{ns}.joins.>"]
-    config.duplicate_window = min(3600.0, settings.result_ttl)
+    config.duplicate_window = min(JOIN_DUPLICATE_WINDOW, settings.result_ttl)
     config.metadata = {META_NAMESPACE: ns, META_KIND: "joins"}
     return config

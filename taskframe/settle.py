@@ -14,7 +14,7 @@ settles nothing of it. A flow's step does its part of the flow before its ack or
 
 An ack after a status record waits for the server's confirmation that the record is
 stored, but the runner does not: it sends the record and takes its next task, and the ack
-is sent when the confirmation arrives (`_Confirmation`). Until then the message stays
+is sent when the confirmation arrives (`Confirmation`). Until then the message stays
 held, its lease renewed; a refusal, or no confirmation within `publish_timeout`, sends it
 down the awaited path (`_store_and_ack`).
 """
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 from taskframe import _topology as topology
 from taskframe import _wire as wire
+from taskframe._confirmation import Confirmation
 from taskframe._deadletters import dead_letter_headers, fit
-from taskframe._flow_steps import FlowSteps
+from taskframe._flow_steps import FlowSteps, Step
 from taskframe._leases import Lease, Leases
 from taskframe._publish import (
-    TRANSIENT,
     Ack,
     publish_stored,
     publisher,
@@ -65,50 +65,6 @@ CONFIRMING = 1024
 concurrency + prefetch: see `_credit.Credit`)."""
 
 
-class _Confirmation:
-    """A task's record sent, its message held until the server confirms storing it.
-
-    Called by the publisher with the outcome (in its reply subscription's task): once
-    stored, the message is acked if the lease still holds, counted and released; refused
-    or not confirmed within `publish_timeout`, it goes down the awaited path in a task of
-    its own. So a task is still acked only after its own record was confirmed stored.
-    """
-
-    __slots__ = ("lease", "record", "settler", "skipped", "slow", "task_id", "token")
-
-    def __init__(
-        self, settler: Settler, lease: Lease, task_id: str, record: bytes, skipped: bool
-    ) -> None:
-        self.settler = settler
-        self.lease = lease
-        self.task_id = task_id
-        self.record = record
-        self.skipped = skipped
-        self.token = ""
-        self.slow: asyncio.Task[None] | None = None
-
-    async def __call__(self, error: BaseException | None) -> None:
-        settler = self.settler
-        if self not in settler._confirmations:
-            return  # handed back meanwhile
-        if error is not None:
-            tried = 0
-            if isinstance(error, TRANSIENT):  # as publish_stored counts an unanswered attempt
-                tried = 1
-                log.warning("no confirmation for the record of %s (attempt 1)", self.task_id)
-            self.slow = asyncio.create_task(
-                settler._confirm_slowly(self, tried), name="taskframe-confirm"
-            )
-            return
-        try:
-            if await settler.settle(self.lease, "ack"):
-                settler._count(self.skipped)
-        except Exception as exc:  # cut off: the message is redelivered after ack_wait
-            log.warning("ack of %s not sent: %r; it will be redelivered", self.task_id, exc)
-        finally:
-            settler._done(self)
-
-
 class Settler:
     """Settles a worker's deliveries: ack with the record, retry with a delay, or bury.
 
@@ -135,7 +91,7 @@ class Settler:
         self._stats = stats
         self._stopping = stopping
         self._settled = settled
-        self._confirmations: set[_Confirmation] = set()
+        self._confirmations: set[Confirmation] = set()
         self._none_confirming = asyncio.Event()
         self._none_confirming.set()
         self._pipelining = True
@@ -164,7 +120,7 @@ class Settler:
         """Store the task's final status `record` (if any), then ack it.
 
         The ack waits for the server to confirm storing the record; the caller does not
-        (see `_Confirmation`): the lease is then `confirming`, and released with the ack.
+        (see `Confirmation`): the lease is then `confirming`, and released with the ack.
         Without a record, or when the record cannot even be sent, all is done here.
 
         In a full store only acks make room (a queue's stream deletes what is acked), so a
@@ -173,12 +129,12 @@ class Settler:
         applies an ack a moment after it arrives: a few quick tries), or dropped with a
         warning if none comes: the task ran, but its result is not kept.
         """
-        record = await self.flows.succeeded(lease.msg.headers, task_id, record)  # a flow's join
+        step = self.flows.step_of(lease.msg.headers, task_id)  # a flow's: its join before its ack
         if record is not None and self._pipelining:
-            confirmation = _Confirmation(self, lease, task_id, record, skipped)
+            confirmation = Confirmation(self, lease, task_id, record, skipped, step)
             if await self._send(confirmation):
                 return "succeeded"
-        if await self._store_and_ack(lease, task_id, record):
+        if await self._store_and_ack(lease, task_id, record, step=step):
             self._count(skipped)
             return "succeeded"
         return "lost"
@@ -187,7 +143,7 @@ class Settler:
         self._stats.skipped += skipped
         self._stats.succeeded += not skipped
 
-    async def _send(self, confirmation: _Confirmation) -> bool:
+    async def _send(self, confirmation: Confirmation) -> bool:
         """Send a record whose ack waits for its confirmation; False if it could not be sent."""
         lease = confirmation.lease
         lease.confirming = True
@@ -215,7 +171,7 @@ class Settler:
             return False
         return True
 
-    async def _confirm_slowly(self, confirmation: _Confirmation, tried: int) -> None:
+    async def _confirm_slowly(self, confirmation: Confirmation, tried: int) -> None:
         """The awaited path for a record refused or not confirmed in time: `publish_stored`
         (which retries what went unanswered, `tried` times already), then the ack; acks
         first in a full store.
@@ -230,7 +186,7 @@ class Settler:
         try:
             for waited in itertools.count(1):
                 try:
-                    if await self._store_and_ack(lease, task_id, record, tried):
+                    if await self._store_and_ack(lease, task_id, record, tried, confirmation.step):
                         self._count(confirmation.skipped)
                     return
                 except PublishError as exc:
@@ -255,7 +211,7 @@ class Settler:
             await asyncio.wait_for(self._stopping.wait(), delay)
         return not self._stopping.is_set() and lease.valid()
 
-    def _done(self, confirmation: _Confirmation) -> None:
+    def _done(self, confirmation: Confirmation) -> None:
         """The confirmation's message is settled, or given up: release it."""
         if confirmation not in self._confirmations:
             return
@@ -292,19 +248,40 @@ class Settler:
         return handed
 
     async def _store_and_ack(
-        self, lease: Lease, task_id: str, record: bytes | None, tried: int = 0
+        self,
+        lease: Lease,
+        task_id: str,
+        record: bytes | None,
+        tried: int = 0,
+        step: Step | None = None,
     ) -> bool:
-        if record is None:
-            return await self.settle(lease, "ack")
-        subject = topology.result_subject(self._ns, task_id)
-        try:
-            await publish_stored(self._client.nc, self._settings, subject, record, tried=tried)
-        except StoreFullError:
-            if not await self.settle(lease, "ack"):
-                return False
-            await store_in_freed_room(self._client.nc, self._settings, task_id, subject, record)
-            return True
+        """Store the record (if not yet), do a flow's step's part of its flow, then ack."""
+        if record is not None:
+            subject = topology.result_subject(self._ns, task_id)
+            try:
+                await publish_stored(self._client.nc, self._settings, subject, record, tried=tried)
+            except StoreFullError:
+                if step is not None:
+                    raise  # its join reads its record: the step waits for room, unacked
+                if not await self.settle(lease, "ack"):
+                    return False
+                await store_in_freed_room(self._client.nc, self._settings, task_id, subject, record)
+                return True
+        if step is not None and self._leases.still_ours(lease):
+            await self.flows.advance(step)
         return await self.settle(lease, "ack")
+
+    async def joined(self, confirmation: Confirmation) -> None:
+        """A flow's step whose record is confirmed stored: its part of the flow, then its ack
+        (in a task of its own: the join waits for the broker)."""
+        try:
+            lease, task_id, step = confirmation.lease, confirmation.task_id, confirmation.step
+            if await self._store_and_ack(lease, task_id, None, step=step):
+                self._count(confirmation.skipped)
+        except Exception:  # the broker is away: the step is redelivered, and joins again
+            log.exception("flow step %s not settled; it will be redelivered", task_id)
+        finally:
+            self._done(confirmation)
 
     async def failed(
         self,
@@ -405,7 +382,8 @@ class Settler:
                 await publish_stored(self._client.nc, self._settings, subject, record)
             except TaskframeError as exc:  # the dead letter is what counts: terminate anyway
                 log.error("status of dead task %s not stored: %s", task_id, exc)
-        await self.flows.died(msg.headers, task_id, name, error, reason)  # a flow fails with it
+        if route.queue and (step := self.flows.step_of(msg.headers, task_id)) is not None:
+            await self.flows.died(step, task_id, name, error, reason)  # the flow fails with it
         if await self.settle(lease, "term", reason=f"dead letter: {reason}"):
             self._stats.dead += 1
             return "dead"

@@ -1,4 +1,4 @@
-"""Acks after pipelined status records (taskframe.settle._Confirmation).
+"""Acks after pipelined status records (taskframe._confirmation.Confirmation).
 
 A runner sends its task's final record and takes the next task at once; the task is acked
 when the server's confirmation of that record arrives. The guarantee is unchanged: a task
