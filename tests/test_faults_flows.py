@@ -109,8 +109,12 @@ async def test_server_kill_9_mid_chain_the_chain_completes_each_step_once(
         figures.record()
         figures.check()
         done = Counter(e.task_id for e in procs.journal.entries("done"))
-        assert done == Counter(steps)  # each step once
-        assert [e.task_id for e in procs.journal.entries("start")] == steps
+        assert done == Counter(steps)  # each step completed once
+        starts = [e.task_id for e in procs.journal.entries("start")]
+        assert list(dict.fromkeys(starts)) == steps  # in order, each after the one before
+        # The step running through the outage may start again (its lease ran out while the
+        # server was away); the ones before and after it ran once.
+        assert (starts.count(steps[0]), starts.count(steps[2])) == (1, 1)
         status = await flow.status()
     assert [s.state for s in status.steps] == [TaskState.SUCCEEDED] * 3
     assert worker.alive
