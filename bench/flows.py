@@ -20,31 +20,19 @@ before the first enqueue). Medians over the rounds; `x plain` is the time's rati
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
 
 import nats
 
+from bench import rounds
 from bench.default_path_app import QUEUE, Noop, build_app
-from taskframe import Client, Worker, connect, group, provision
-from taskframe import _topology as topology
+from taskframe import Worker, connect, group, provision
 from taskframe._server import NatsServer
 
 ROWS = ("raw nats-py", "plain tasks", "group")
-
-
-async def _drained(client: Client, namespace: str) -> None:
-    stream = topology.queue_stream(namespace, QUEUE)
-    subject = topology.consumer_info_subject(stream, topology.WORKERS)
-    while True:
-        state = json.loads((await client.nc.request(subject, b"", timeout=5)).data)
-        if "error" not in state and state["num_pending"] + state["num_ack_pending"] == 0:
-            return
-        await asyncio.sleep(0.005)
 
 
 async def _raw(url: str, tag: str, n: int) -> float:
@@ -84,7 +72,7 @@ async def _taskframe(url: str, row: str, tag: str, n: int) -> float:
             await client.wait(flow.id, timeout=600)
         else:
             await client.enqueue_many(Noop(n=i) for i in range(n))
-            await _drained(client, namespace)
+            await rounds.drained(client, namespace, QUEUE)
         elapsed = time.perf_counter() - started
         worker.stop()
         await running
@@ -129,14 +117,5 @@ def report(n: int, rounds: int, found: dict[str, list[float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    """Parse the arguments, run, print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    print(report(args.n, args.rounds, asyncio.run(run(args.n, args.rounds))))
-
-
 if __name__ == "__main__":
-    main()
+    rounds.main(__doc__, 10_000, run, report)

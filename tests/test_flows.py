@@ -3,6 +3,7 @@ came before them, a dead step fails its flow, cancel, and `taskframe status` of 
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from taskframe import (
     group,
 )
 from taskframe import _topology as topology
+from taskframe._flow_records import read_plan
+from taskframe._flow_steps import FlowSteps
+from taskframe._results import status_record
 from taskframe.errors import ConfigError
 from taskframe.testing import NatsServer, eventually, running_worker
 from tests.faultkit import TASKFRAME, Procs
@@ -172,3 +176,28 @@ async def test_taskframe_status_shows_a_flow_and_its_steps(
         "dead",
         ["succeeded", "dead", None],
     )
+
+
+async def test_a_join_older_than_its_duplicate_window_goes_on_only_with_every_record(
+    client: Client,
+) -> None:
+    """Past the join's duplicate window a redelivered member may be counted twice: the
+    count reaching the group's size is then checked against the members' records."""
+    flow = await client.enqueue(chord(group(Square(n=1), Square(n=2)), then=Collect()))
+    plan = await read_plan(client, flow.id)
+    assert plan is not None
+    steps = FlowSteps(client)
+    assert await steps._joined(flow.id, plan, 1, 2) is False  # one of two members
+    assert await steps._joined(flow.id, plan, 1, 2) is False  # recounted: dropped
+    subject = topology.join_subject(client.namespace, flow.id, 1)
+    await client.js.publish(subject, b"", headers={"Nats-Incr": "1"})  # a recount, too late
+    plan.created = time.time() - topology.JOIN_DUPLICATE_WINDOW
+    assert await steps._joined(flow.id, plan, 1, 2) is False  # 2 of 2, but no records
+    for leaf in (0, 1):
+        record = status_record(f"{flow.id}.{leaf}", "Square", TaskState.SUCCEEDED, 1)
+        await client.js.publish(
+            topology.result_subject(client.namespace, f"{flow.id}.{leaf}"), record
+        )
+    assert await steps._joined(flow.id, plan, 1, 3) is True
+    plan.created = time.time()
+    assert await steps._joined(flow.id, plan, 1, 3) is True  # young: its count is believed
