@@ -40,7 +40,6 @@ from taskframe._flow_records import create, read_plan, succeeded_steps, write_fl
 from taskframe._publish import publish_stored, refusal
 from taskframe._results import ErrorInfo, TaskState, read_status
 from taskframe._retry import answered
-from taskframe.errors import PublishError
 
 if TYPE_CHECKING:
     from taskframe.client import Client
@@ -72,9 +71,9 @@ class FlowSteps:
         parts = split_leaf_id(task_id) if flow_id else None
         return parts if parts is not None and parts[0] == flow_id else None
 
-    async def plan(self, flow_id: str) -> Plan:
-        """The plan of `flow_id`, read once per worker while it is used: the steps of a
-        group that arrive together wait for one read."""
+    async def plan(self, flow_id: str) -> Plan | None:
+        """The plan of `flow_id` (None if it has none), read once per worker while it is
+        used: the steps of a group that arrive together wait for one read."""
         reading = self._plans.get(flow_id)
         if reading is None:
             reading = self._plans[flow_id] = asyncio.ensure_future(read_plan(self._client, flow_id))
@@ -90,7 +89,6 @@ class FlowSteps:
             raise
         if plan is None:
             self._plans.pop(flow_id, None)
-            raise PublishError(f"flow {flow_id} has no plan (expired, or deleted)")
         return plan
 
     async def advance(self, step: Step) -> None:
@@ -99,6 +97,11 @@ class FlowSteps:
         client = self._client
         flow_id, leaf = step
         plan = await self.plan(flow_id)
+        if plan is None or leaf >= len(plan.leaves):  # expired, or not ours: acked as it is
+            log.error(
+                "step %d of flow %s is not in a stored plan: nothing follows it", leaf, flow_id
+            )
+            return
         node = plan.leaves[leaf].node
         while (parent := plan.nodes[node].parent) >= 0:
             up = plan.nodes[parent]

@@ -201,3 +201,16 @@ async def test_a_join_older_than_its_duplicate_window_goes_on_only_with_every_re
     assert await steps._joined(flow.id, plan, 1, 3) is True
     plan.created = time.time()
     assert await steps._joined(flow.id, plan, 1, 3) is True  # young: its count is believed
+
+
+async def test_a_step_of_no_stored_flow_runs_as_a_plain_task_and_the_worker_goes_on(
+    client: Client,
+) -> None:
+    await client.enqueue(Square(n=0))  # creates the queue's stream
+    headers = {"Nats-Msg-Id": "no-such-flow.0", "Tf-Flow": "no-such-flow"}
+    subject = f"{client.namespace}.tasks.flows.Square"
+    await client.js.publish(subject, Square(n=4).model_dump_json().encode(), headers=headers)
+    flow = await client.enqueue(chain(Square(n=3), Double()))
+    async with running_worker(build(client.namespace), client):
+        assert await client.handle(Square, "no-such-flow.0").result(timeout=15) == 16
+        assert await flow.result(timeout=15) == 18
