@@ -35,11 +35,15 @@ _BATCH = 2048
 
 
 async def read_plan(client: Client, flow_id: str) -> Plan | None:
-    """The plan of `flow_id`, or None if there is none (not a flow, or expired)."""
+    """The plan of `flow_id`, or None if there is none (not a flow, or expired).
+
+    Not a direct get: one answers nothing at all when no flow was ever enqueued in the
+    namespace (no flows bucket), where this is told at once that the stream is missing.
+    """
     stream = topology.flows_stream(client.namespace)
     subject = topology.plan_subject(client.namespace, flow_id)
     try:
-        msg = await answered(f"plan of {flow_id}", client.js.get_last_msg, stream, subject, True)
+        msg = await answered(f"plan of {flow_id}", client.js.get_last_msg, stream, subject)
     except NotFoundError:
         return None
     except APIError as exc:
