@@ -1,5 +1,4 @@
-"""A task's record sent, its message held until the server confirms storing it: how the
-settler acks without making the runner wait (see settle.py)."""
+"""A task's record sent and its message held until the record is confirmed stored."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ log = logging.getLogger("taskframe.worker")
 class Confirmation:
     """A task's record sent, its message held until the server confirms storing it.
 
-    Called by the publisher with the outcome (in its reply subscription's task): once
+    Called by the publisher with the outcome, in the read loop as it is read: once
     stored, the message is acked if the lease still holds, counted and released; refused
     or not confirmed within `publish_timeout`, it goes down the awaited path in a task of
     its own. So a task is still acked only after its own record was confirmed stored. A flow's
@@ -48,7 +47,7 @@ class Confirmation:
         self.step = step
         """The flow and step, for a flow's step: its join comes before its ack."""
 
-    async def __call__(self, error: BaseException | None) -> None:
+    def __call__(self, error: BaseException | None) -> None:
         settler = self.settler
         if self not in settler._confirmations:
             return  # handed back meanwhile
@@ -65,7 +64,7 @@ class Confirmation:
             self.slow = asyncio.create_task(settler.joined(self), name="taskframe-join")
             return
         try:
-            if await settler.settle(self.lease, "ack"):
+            if settler.ack_now(self.lease):
                 settler._count(self.skipped)
         except Exception as exc:  # cut off: the message is redelivered after ack_wait
             log.warning("ack of %s not sent: %r; it will be redelivered", self.task_id, exc)

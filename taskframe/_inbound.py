@@ -19,7 +19,7 @@ Accepted (docs/wire-format.md, "What a worker accepts"):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from taskframe import _wire as wire
 
@@ -44,8 +44,7 @@ TASK_ID = re.compile(r"[A-Za-z0-9_=/-]+(?:\.[A-Za-z0-9_=/-]+)*")
 _SHOWN = 200  # characters of a refused value quoted in the error
 
 
-@dataclass(frozen=True, slots=True)
-class Arrival:
+class Arrival(NamedTuple):
     """What a delivered message names, checked: usable as it is, or why not."""
 
     name: str
@@ -62,22 +61,42 @@ def task(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival
     The name is the `Tf-Task` header, else the subject's 4th token; the id is `Tf-Id`, else
     `Nats-Msg-Id`, else `fallback` (`<queue>-<stream sequence>`, which taskframe makes).
     """
-    problems = []
-    tail = subject.split(".")[3:]
-    if not 1 <= len(tail) <= 2 or not all(_fits(TOKEN, token) for token in tail):
-        problems.append(
-            f"subject {quote(subject)} must end in <TaskName> or <TaskName>.<lane>, "
-            f"each 1 to {MAX_LENGTH} of [A-Za-z0-9_-]"
-        )
-    name = tail[0] if tail else ""
+    known = _task_subjects.get(subject)
+    if known is None:
+        if len(_task_subjects) >= _SUBJECTS_KEPT:  # bounded, whatever producers send
+            _task_subjects.clear()
+            _task_names.clear()
+        known = _task_subjects[subject] = _task_subject(subject)
+        if not known[1]:
+            _task_names.add(known[0])  # a token: `Tf-Task` usually repeats it
+    name, problem = known
+    problems = [problem] if problem else []
     if headers and (given := headers.get(wire.TASK)):
         name = given
-        if not _fits(TOKEN, given):
+        if given not in _task_names and not _fits(TOKEN, given):
             problems.append(
                 f"task name {quote(given)} (from {wire.TASK}) must be 1 to {MAX_LENGTH} "
                 "of [A-Za-z0-9_-]"
             )
     return _arrival(name, headers, fallback, problems)
+
+
+_SUBJECTS_KEPT = 4096
+_task_subjects: dict[str, tuple[str, str]] = {}
+"""Task subjects already checked (a queue sees few): the name each gives, and its problem."""
+_task_names: set[str] = set()
+"""The names that valid subjects among them gave: tokens, as `Tf-Task` must be."""
+
+
+def _task_subject(subject: str) -> tuple[str, str]:
+    tail = subject.split(".")[3:]
+    name = tail[0] if tail else ""
+    if not 1 <= len(tail) <= 2 or not all(_fits(TOKEN, token) for token in tail):
+        return name, (
+            f"subject {quote(subject)} must end in <TaskName> or <TaskName>.<lane>, "
+            f"each 1 to {MAX_LENGTH} of [A-Za-z0-9_-]"
+        )
+    return name, ""
 
 
 def event(subject: str, headers: dict[str, str] | None, fallback: str) -> Arrival:

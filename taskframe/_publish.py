@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from taskframe import _wire as wire
 from taskframe._connection import watch
+from taskframe._tolerant import listen, publish_now
 from taskframe.errors import PayloadTooLargeError, PublishError, StoreFullError, StreamMissingError
 from taskframe.models import Task
 from taskframe.settings import Settings
@@ -94,7 +95,7 @@ class Ack:
 
 _STORED, _DUPLICATE = Ack(duplicate=False), Ack(duplicate=True)
 
-Then = Callable[[BaseException | None], Awaitable[None]]
+Then = Callable[[BaseException | None], None]
 """What `Publisher.send_then` calls with the outcome: None once stored, else the error."""
 
 _SWEEP = 0.25  # seconds between looks for confirmations that are overdue
@@ -126,7 +127,7 @@ class Publisher:
     async def _subscribe(self) -> None:
         if not self._prefix:
             prefix = self._nc.new_inbox() + "."
-            await self._nc.subscribe(prefix + "*", cb=self._on_reply, pending_msgs_limit=-1)
+            await listen(self._nc, prefix + "*", self._on_reply)
             self._prefix = prefix
 
     async def send(
@@ -149,25 +150,25 @@ class Publisher:
         return future
 
     async def send_then(self, subject: str, body: bytes, then: Then, timeout: float) -> str:
-        """Publish without waiting; `await then(None)` once the server confirms storing it.
+        """Publish without waiting; `then(None)` once the server confirms storing it.
 
         `then(error)` gets what `send`'s future would raise instead (a refusal, a status),
         or `TimeoutError` if no confirmation came within `timeout` (within a quarter of a
-        second more). It is called once, from the reply subscription's task as the
+        second more). It is called once, from the read loop as the
         confirmations arrive: it must be quick (whatever waits goes in a task of its own);
         what it raises is logged. Returns the token that `forget` takes. Raises what
-        `nc.publish` raises, and then `then` is never called.
+        `publish_now` raises, and then `then` is never called. `subject` is not checked:
+        taskframe builds it from checked parts.
         """
         if not self._prefix:
             await self._subscribe()
         token = str(next(self._sequence))
         self._thens[token] = (then, time.monotonic() + timeout, subject)
         try:
-            await self._nc.publish(subject, body, reply=self._prefix + token)
+            publish_now(self._nc, subject, body, self._prefix + token)
         except BaseException:
-            if self._thens.pop(token, None) is not None:
-                raise
-            # answered meanwhile, so it was sent: `then` has the outcome
+            self._thens.pop(token, None)
+            raise
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
         return token
@@ -190,9 +191,9 @@ class Publisher:
                 waiting = self._thens.pop(token, None)  # a `then` awaited below may answer more
                 if waiting is not None:
                     then, _, subject = waiting
-                    await _call(then, TimeoutError(f"no confirmation for {subject}"))
+                    _call(then, TimeoutError(f"no confirmation for {subject}"))
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         """Resolve the future (or call the `then`) that `msg` answers. Never raises: nats-py
         would only log it, and the future would wait out its timeout."""
         token = msg.subject[len(self._prefix) :]
@@ -203,10 +204,7 @@ class Publisher:
                 outcome: Ack | BaseException = _STORED
             else:
                 outcome = _outcome(msg, then[2])
-            try:
-                await then[0](outcome if isinstance(outcome, BaseException) else None)
-            except Exception:
-                log.exception("confirmation callback failed")
+            _call(then[0], outcome if isinstance(outcome, BaseException) else None)
             return
         waiting = self._futures.pop(token, None)
         if len(self._futures) < self.WINDOW:
@@ -243,9 +241,9 @@ def _outcome(msg: Msg, subject: str) -> Ack | BaseException:
         return failure
 
 
-async def _call(then: Then, outcome: BaseException | None) -> None:
+def _call(then: Then, outcome: BaseException | None) -> None:
     try:
-        await then(outcome)
+        then(outcome)
     except Exception:
         log.exception("confirmation callback failed")
 

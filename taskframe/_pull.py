@@ -38,6 +38,7 @@ from taskframe import _wire as wire
 from taskframe._credit import Credit
 from taskframe._leases import Lease
 from taskframe._ratelimit import RateLimiter
+from taskframe._tolerant import listen
 from taskframe.app import App, Handler
 from taskframe.settings import Settings
 
@@ -141,9 +142,7 @@ class Feed:
         self._retired.clear()
 
     async def _listen(self, inbox: _Inbox) -> None:
-        inbox.sub = await self._nc.subscribe(
-            inbox.subject, cb=functools.partial(self._on_msg, inbox), pending_msgs_limit=-1
-        )
+        inbox.sub = await listen(self._nc, inbox.subject, functools.partial(self._on_msg, inbox))
 
     def _free(self) -> int:
         return self.credit.free() - self._pending
@@ -295,7 +294,7 @@ class Feed:
             self.credit.held += 1
             self._deliver(msg, inbox.requests[0].sent)
 
-    async def _on_msg(self, inbox: _Inbox, msg: Msg) -> None:
+    def _on_msg(self, inbox: _Inbox, msg: Msg) -> None:
         self._heard = time.monotonic()
         headers = msg.headers
         status = headers.get("Status") if headers and not msg.reply else None

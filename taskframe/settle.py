@@ -28,6 +28,8 @@ import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from nats.errors import MsgAlreadyAckdError
+
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._confirmation import Confirmation
@@ -45,6 +47,7 @@ from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
 from taskframe._retry import RECORD_RETRY, UNTIL_AVAILABLE
 from taskframe._stats import WorkerStats
+from taskframe._tolerant import publish_now
 from taskframe.errors import (
     AttemptTimeoutError,
     PublishError,
@@ -101,15 +104,27 @@ class Settler:
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
     ) -> bool:
         """Ack, nak or term the leased message, unless the lease was lost."""
+        if how == "ack":
+            return self.ack_now(lease)
         if not self._leases.still_ours(lease):
             return False
-        msg = lease.msg
-        if how == "ack":
-            await msg.ack()
-        elif how == "nak":
-            await msg.nak(delay=delay)
+        if how == "nak":
+            await lease.msg.nak(delay=delay)
         else:  # with a reason, which the server puts in its MSG_TERMINATED advisory
-            await self._client.nc.publish(msg.reply, f"+TERM {reason}".encode())
+            await self._client.nc.publish(lease.msg.reply, f"+TERM {reason}".encode())
+        return self._settled_now(lease)
+
+    def ack_now(self, lease: Lease) -> bool:
+        """Ack the leased message without waiting, unless the lease was lost."""
+        if not self._leases.still_ours(lease):
+            return False
+        if lease.msg._ackd:
+            raise MsgAlreadyAckdError(lease.msg)
+        publish_now(self._client.nc, lease.msg.reply)  # an empty body is an ack
+        lease.msg._ackd = True
+        return self._settled_now(lease)
+
+    def _settled_now(self, lease: Lease) -> bool:
         lease.settled = True
         self._settled.set()
         return True

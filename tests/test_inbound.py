@@ -174,3 +174,14 @@ def test_whatever_arrives_what_is_handed_on_fits_subjects_keys_and_headers(
 def test_every_well_formed_task_is_accepted(name: str, lane: str | None, task_id: str) -> None:
     subject = wire.task_subject(NS, QUEUE, name, lane)
     assert inbound.task(subject, {wire.MSG_ID: task_id}, FALLBACK) == inbound.Arrival(name, task_id)
+
+
+def test_subjects_checked_once_stay_bounded_and_never_vouch_for_a_bad_name() -> None:
+    for i in range(inbound._SUBJECTS_KEPT + 10):  # a producer inventing subjects
+        inbound.task(f"{PREFIX}T{i}", None, FALLBACK)
+    assert len(inbound._task_subjects) <= inbound._SUBJECTS_KEPT
+    assert check("SendEmail") == inbound.Arrival("SendEmail", FALLBACK)
+    seen = PREFIX + "SendEmail"
+    assert check("SendEmail", Tf_Task=seen).problem  # a subject seen is not a name
+    assert check("Bad name").problem
+    assert check("Bad name").problem  # and again, from the cache

@@ -9,7 +9,7 @@ record, and watch the acks that reach the server.
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from nats.aio.msg import Msg
@@ -30,23 +30,23 @@ class HeldConfirmations:
 
     def __init__(self, client: Client) -> None:
         self._publisher = publisher(client.nc)
-        self._deliver: Callable[[Msg], Awaitable[None]] = self._publisher._on_reply
+        self._deliver: Callable[[Msg], None] = self._publisher._on_reply
         self.held: list[Msg] = []
         self.holding = True
         self._publisher._on_reply = self._on_reply  # type: ignore[method-assign]
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         if self.holding:
             self.held.append(msg)
         else:
-            await self._deliver(msg)
+            self._deliver(msg)
 
     async def release(self) -> None:
         """Hand over what was held, and from now on every confirmation as it comes."""
         self.holding = False
         held, self.held = self.held, []
         for msg in held:
-            await self._deliver(msg)
+            self._deliver(msg)
 
 
 @contextlib.asynccontextmanager
