@@ -54,6 +54,7 @@ from pydantic import BaseModel
 
 from bench import procs
 from bench.default_path_app import NAMESPACE_ENV, QUEUE, RESULTS_ENV, TASK_NAME, Noop, build_app
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import connect, provision
 from taskframe._server import NatsServer, server_binary
@@ -149,14 +150,14 @@ async def _provision_raw(nc: NATS, namespace: str, results: bool) -> tuple[str, 
     """taskframe's queue stream and consumer (and results stream) for a raw loop."""
     js = nc.jetstream()
     settings = _settings(namespace)
-    await js.add_stream(topology.queue_config(settings, QUEUE))
-    _, consumer = topology.lane_configs(
+    await js.add_stream(configs.queue_config(settings, QUEUE))
+    _, consumer = configs.lane_configs(
         settings, QUEUE, QueueOptions(), topology.DEFAULT_MAX_IN_FLIGHT
     )[0]
     stream = topology.queue_stream(namespace, QUEUE)
     await js.add_consumer(stream, consumer)
     if results:
-        await js.add_stream(topology.results_config(settings))
+        await js.add_stream(configs.results_config(settings))
     assert consumer.name is not None
     return stream, consumer.name
 

@@ -18,9 +18,7 @@ per task is this process's CPU over the same span. Medians over the rounds.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -30,9 +28,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
 
+from bench import rounds
 from bench.default_path_app import QUEUE, Noop, build_app
-from taskframe import App, Client, Worker, connect, provision
-from taskframe import _topology as topology
+from taskframe import App, Worker, connect, provision
 from taskframe._server import NatsServer
 from taskframe.metrics import Metrics
 from taskframe.tracing import Tracing
@@ -66,16 +64,6 @@ ROWS: dict[str, Callable[[App], None]] = {
 }
 
 
-async def _drained(client: Client, namespace: str, n: int) -> None:
-    stream = topology.queue_stream(namespace, QUEUE)
-    subject = topology.consumer_info_subject(stream, topology.WORKERS)
-    while True:
-        state = json.loads((await client.nc.request(subject, b"", timeout=5)).data)
-        if "error" not in state and state["num_pending"] + state["num_ack_pending"] == 0:
-            return
-        await asyncio.sleep(0.005)
-
-
 async def drain(url: str, row: str, tag: str, n: int) -> tuple[float, float]:
     """Tasks per second and worker CPU us per task for one drain of `row`."""
     namespace = f"hk{tag}"
@@ -87,7 +75,7 @@ async def drain(url: str, row: str, tag: str, n: int) -> tuple[float, float]:
         worker = Worker(app, client)
         cpu, started = time.process_time(), time.perf_counter()
         running = asyncio.create_task(worker.run())
-        await _drained(client, namespace, n)
+        await rounds.drained(client, namespace, QUEUE)
         elapsed, used = time.perf_counter() - started, time.process_time() - cpu
         worker.stop()
         await running
@@ -125,14 +113,5 @@ def report(n: int, rounds: int, found: dict[str, list[tuple[float, float]]]) -> 
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    """Parse the arguments, run, print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    print(report(args.n, args.rounds, asyncio.run(run(args.n, args.rounds))))
-
-
 if __name__ == "__main__":
-    main()
+    rounds.main(__doc__, 20_000, run, report)

@@ -13,6 +13,7 @@ from taskframe.errors import (
     AttemptTimeoutError,
     ConfigError,
     ConnectError,
+    FlowFailedError,
     PayloadError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -27,6 +28,7 @@ from taskframe.errors import (
     TaskframeError,
     UnreachableError,
 )
+from taskframe.flows import Flow, FlowRun, FlowStatus, StepStatus, chain, chord, group
 from taskframe.hooks import AttemptInfo, EnqueueInfo, Hook
 from taskframe.models import Event, Task
 from taskframe.provision import provision
@@ -54,6 +56,14 @@ __all__ = [
     "TaskStatus",
     "WorkerInfo",
     "connect",
+    # Flows
+    "Flow",
+    "FlowRun",
+    "FlowStatus",
+    "StepStatus",
+    "chain",
+    "chord",
+    "group",
     # Running
     "AttemptInfo",
     "EnqueueInfo",
@@ -70,6 +80,7 @@ __all__ = [
     "AttemptTimeoutError",
     "ConfigError",
     "ConnectError",
+    "FlowFailedError",
     "PayloadError",
     "PayloadTooLargeError",
     "PermissionDeniedError",

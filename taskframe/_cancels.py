@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, NotFoundError
 
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._publish import publish_stored
@@ -120,7 +121,7 @@ async def request_cancel(client: Client, task_id: str) -> bool:
     try:
         await publish_stored(client.nc, client.settings, subject, b"", headers)
     except StreamMissingError:
-        await ensure_stream(client.js, topology.cancels_config(client.settings))
+        await ensure_stream(client.js, configs.cancels_config(client.settings))
         await publish_stored(client.nc, client.settings, subject, b"", headers)
     return await _record_cancelled(client, task_id, name, status.attempt if status else 0)
 
@@ -135,7 +136,7 @@ async def _record_cancelled(client: Client, task_id: str, name: str, attempt: in
         try:
             await publish_stored(client.nc, client.settings, subject, record, headers)
         except StreamMissingError:  # no worker has provisioned the namespace yet
-            await ensure_stream(client.js, topology.results_config(client.settings))
+            await ensure_stream(client.js, configs.results_config(client.settings))
             await publish_stored(client.nc, client.settings, subject, record, headers)
     except PublishError as exc:
         now = await client.status(task_id)

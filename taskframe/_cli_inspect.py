@@ -5,6 +5,7 @@ are named as the models' fields (`QueueInfo`, `DeadLetter`, `StoredSchedule`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -14,8 +15,11 @@ from typing import Annotated, Any
 import typer
 
 from taskframe._cli_common import Namespace, Url, cli, run_command, table
+from taskframe._flow_records import FLOW_TASK
 from taskframe._results import TaskState, TaskStatus
 from taskframe.client import connect
+from taskframe.errors import ConfigError
+from taskframe.flows import FlowRun, FlowStatus
 from taskframe.schedules import stored_schedules
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")]
@@ -146,12 +150,20 @@ def status(
     as_json: Json = False,
     url: Url = None,
 ) -> None:
-    """Show one task's state, attempt, last update, error and result (exit 1: no record)."""
+    """Show one task's state, attempt, last update, error and result (exit 1: no record);
+    for a flow's id, the flow's state and each step's."""
 
     async def main() -> None:
         async with connect(url, namespace=namespace) as client:
             found = await client.status(task_id)
             progress = await client.progress(task_id)
+            flow = None
+            if found is None or found.task == FLOW_TASK:
+                with contextlib.suppress(ConfigError):  # not a flow: it has no plan
+                    flow = await FlowRun(client, task_id).status()
+        if flow is not None:
+            _show_flow(flow, as_json)
+            return
         if found is None and progress is not None:  # running, before its first status record
             found = TaskStatus(
                 id=task_id,
@@ -192,6 +204,28 @@ def status(
             typer.echo(f"{name.upper():<8} {value}")
 
     run_command(main())
+
+
+def _show_flow(flow: FlowStatus, as_json: bool) -> None:
+    """A flow's state, then one row per step (`taskframe status FLOW_ID`)."""
+    if as_json:
+        typer.echo(flow.model_dump_json())
+        return
+    typer.echo(f"FLOW     {flow.id}\nSTATE    {flow.state.value}")
+    if flow.error is not None:
+        typer.echo(f"ERROR    {flow.error.type}: {flow.error.message}")
+    rows = [
+        (
+            str(s.step),
+            s.id,
+            s.task,
+            s.state.value if s.state else "pending",
+            str(s.attempt),
+            f"{s.error.type}: {s.error.message}" if s.error else "-",
+        )
+        for s in flow.steps
+    ]
+    table(("STEP", "ID", "TASK", "STATE", "ATTEMPT", "ERROR"), rows)
 
 
 def _json(items: Sequence[Any]) -> None:

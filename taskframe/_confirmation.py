@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from taskframe._flow_steps import Step
 from taskframe._leases import Lease
 from taskframe._publish import TRANSIENT
 
@@ -21,13 +22,20 @@ class Confirmation:
     Called by the publisher with the outcome, in the read loop as it is read: once
     stored, the message is acked if the lease still holds, counted and released; refused
     or not confirmed within `publish_timeout`, it goes down the awaited path in a task of
-    its own. So a task is still acked only after its own record was confirmed stored.
+    its own. So a task is still acked only after its own record was confirmed stored. A flow's
+    step does its part of its flow first, in a task of its own (`Settler.joined`).
     """
 
-    __slots__ = ("lease", "record", "settler", "skipped", "slow", "task_id", "token")
+    __slots__ = ("lease", "record", "settler", "skipped", "slow", "step", "task_id", "token")
 
     def __init__(
-        self, settler: Settler, lease: Lease, task_id: str, record: bytes, skipped: bool
+        self,
+        settler: Settler,
+        lease: Lease,
+        task_id: str,
+        record: bytes,
+        skipped: bool,
+        step: Step | None = None,
     ) -> None:
         self.settler = settler
         self.lease = lease
@@ -36,6 +44,8 @@ class Confirmation:
         self.skipped = skipped
         self.token = ""
         self.slow: asyncio.Task[None] | None = None
+        self.step = step
+        """The flow and step, for a flow's step: its join comes before its ack."""
 
     def __call__(self, error: BaseException | None) -> None:
         settler = self.settler
@@ -49,6 +59,9 @@ class Confirmation:
             self.slow = asyncio.create_task(
                 settler._confirm_slowly(self, tried), name="taskframe-confirm"
             )
+            return
+        if self.step is not None:
+            self.slow = asyncio.create_task(settler.joined(self), name="taskframe-join")
             return
         try:
             if settler.ack_now(self.lease):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -34,3 +36,11 @@ async def store_task(
                 if attempt == settings.publish_attempts - 1:
                     raise PublishError(f"no stream took {subject}: {exc}") from exc
     raise PublishError(f"no stream took {subject} after {attempt + 1} attempts")
+
+
+async def provisioned(what: str, provisioning: Awaitable[None]) -> None:
+    """Await `provisioning` of the stream a publish needs; unanswered is a `PublishError`."""
+    try:
+        await provisioning
+    except ConnectError as exc:
+        raise PublishError(f"cannot store on {what}: {exc}") from exc

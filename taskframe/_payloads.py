@@ -30,6 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import DigestMismatchError, NotFoundError
 from nats.js.object_store import ObjectStore
 
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._publish import check_size
@@ -110,7 +111,7 @@ async def offload(client: Client, body: bytes, headers: dict[str, str]) -> bytes
 
 async def _put(client: Client, name: str, body: bytes) -> None:
     if client.nc not in _ensured:
-        await ensure_stream(client.js, topology.payloads_config(client.settings))
+        await ensure_stream(client.js, configs.payloads_config(client.settings))
         _ensured.add(client.nc)
     await _store(client.js, client.namespace).put(name, body)
 

@@ -14,11 +14,20 @@ import time
 
 from nats.aio.client import Client as NATS
 
+from taskframe import _topology as topology
 from taskframe._results import progress_record
 
 log = logging.getLogger("taskframe.worker")
 INTERVAL = 0.5
 """The least time in seconds between two reports of one attempt written to the broker."""
+
+
+async def write_status(nc: NATS, namespace: str, task_id: str, record: bytes) -> None:
+    """Write a non-final status without waiting: a final record, if any, supersedes it."""
+    try:
+        await nc.publish(topology.progress_subject(namespace, task_id), record)
+    except Exception as exc:
+        log.debug("status not written: %r", exc)
 
 
 class Reporter:

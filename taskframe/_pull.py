@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._credit import Credit
@@ -363,11 +364,11 @@ def app_routes(
         handlers = {name: h for (q, name), h in app.handlers.items() if q == queue}
         rank = {lane: i for i, lane in enumerate(options.lanes)}
         stream = topology.queue_stream(ns, queue)
-        configs = topology.lane_configs(settings, queue, options, limit)
-        pools.append([Route(stream, c, rank[lane], handlers, queue=queue) for lane, c in configs])
+        lanes = configs.lane_configs(settings, queue, options, limit)
+        pools.append([Route(stream, c, rank[lane], handlers, queue=queue) for lane, c in lanes])
     for group in groups:
         handlers = {name: h for (g, name), h in app.subscribers.items() if g == group}
-        config = topology.group_config(settings, group, handlers, limit)
+        config = configs.group_config(settings, group, handlers, limit)
         stream = topology.events_stream(ns)
         pools.append([Route(stream, config, 0, handlers, group=group)])
     return pools

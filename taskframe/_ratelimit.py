@@ -43,7 +43,8 @@ from nats.js.errors import (
 from taskframe import _topology as topology
 from taskframe._publish import TRANSIENT
 from taskframe._retry import answered
-from taskframe._topology import rate_config, rate_stream
+from taskframe._stream_configs import rate_config
+from taskframe._topology import rate_stream
 from taskframe.errors import ConfigError, ConnectError
 from taskframe.models import check_token
 from taskframe.settings import Settings

@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._retry import answered
@@ -160,7 +161,7 @@ class Registration:
                     self._subject, self.record(), timeout=self._heartbeat, headers=headers
                 )
             except NoStreamResponseError:  # the bucket is gone: deleted, or lost in memory
-                await ensure_stream(js, topology.workers_config(self._client.settings))
+                await ensure_stream(js, configs.workers_config(self._client.settings))
                 await js.publish(
                     self._subject, self.record(), timeout=self._heartbeat, headers=headers
                 )

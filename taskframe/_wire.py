@@ -25,6 +25,7 @@ SCHEDULE = "Nats-Schedule"
 SCHEDULE_TARGET = "Nats-Schedule-Target"
 SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
 ID = "Tf-Id"
+FLOW = "Tf-Flow"
 
 # Bodies (docs/wire-format.md, "Compressed bodies" and "Large bodies"): ENCODING `zstd`
 # says the body is a zstd frame of the JSON; PAYLOAD names the object in the namespace's

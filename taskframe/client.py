@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, overload
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -21,12 +21,14 @@ from nats.js.errors import NotFoundError
 from pydantic import TypeAdapter
 
 from taskframe import _control, _deadletters, hooks, provision
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._cancels import request_cancel
 from taskframe._connection import open_connection
 from taskframe._deadletters import DeadLetter
-from taskframe._enqueue import store_task
+from taskframe._enqueue import provisioned, store_task
+from taskframe._flow_enqueue import enqueue_flow
 from taskframe._inbound import key_id
 from taskframe._payloads import delete, encode
 from taskframe._publish import publish_stored, publisher, refused_batch, unconfirmed
@@ -43,6 +45,7 @@ from taskframe.errors import (
     StoreFullError,
     StreamMissingError,
 )
+from taskframe.flows import Flow, FlowRun
 from taskframe.hooks import EnqueueInfo, Hook
 from taskframe.models import Event, Task, check_token, result_adapter
 from taskframe.settings import Settings
@@ -173,15 +176,17 @@ class Client:
         run.duplicate = duplicate
         return run
 
+    @overload
+    async def enqueue(self, task: Flow[R], *, key: str | None = None) -> FlowRun[R]: ...
+    @overload
     async def enqueue(
-        self,
-        task: Task[R],
-        *,
-        key: str | None = None,
-        delay: float | None = None,
-        at: datetime | None = None,
-        priority: str | None = None,
-    ) -> TaskRun[R]:
+        self, task: Task[R], *, key: str | None = None, delay: float | None = None,
+        at: datetime | None = None, priority: str | None = None,
+    ) -> TaskRun[R]: ...  # fmt: skip
+    async def enqueue(
+        self, task: Task[R] | Flow[R], *, key: str | None = None, delay: float | None = None,
+        at: datetime | None = None, priority: str | None = None,
+    ) -> TaskRun[R] | FlowRun[R]:  # fmt: skip
         """Store `task` in its queue and return a handle on it.
 
         Returns only once the server confirmed storing the task. Raises `StoreFullError`
@@ -197,7 +202,11 @@ class Client:
                 holds delayed tasks (they survive its restarts) and enqueues them when due,
                 usually within a few milliseconds and at most about 0.3 s late.
             priority: the lane, for a queue declared with priorities.
+
+        A flow (`chain`, `group`, `chord`) returns a `FlowRun`; `key` names the flow.
         """
+        if not isinstance(task, Task):
+            return await enqueue_flow(self, task, key)
         run_at = wire.due_at(delay, at)
         seen: list[EnqueueInfo] | None = [] if self.hooks else None
         try:
@@ -241,8 +250,8 @@ class Client:
             try:
                 await publish_stored(self.nc, self.settings, subject, body, headers)
             except StreamMissingError:
-                await _provisioned(
-                    subject, provision.ensure_stream(self.js, topology.events_config(self.settings))
+                await provisioned(
+                    subject, provision.ensure_stream(self.js, configs.events_config(self.settings))
                 )
                 await publish_stored(self.nc, self.settings, subject, body, headers)
         except BaseException as exc:
@@ -279,7 +288,7 @@ class Client:
         prepared = [(s, await encode(self, s, b, h), h, i) for s, b, h, i in prepared]
         for queue in {type(t).__tf_queue__ for t in batch} - self._known_queues:
             # Once per queue and client: a batch sent to a missing stream would all come back.
-            await _provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
+            await provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
             self._known_queues.add(queue)
         sender = publisher(self.nc)
         waiting = list(range(len(batch)))
@@ -295,7 +304,7 @@ class Client:
             if not waiting:
                 break
             for queue in sorted(missing):  # no stream answered (deleted, or electing a leader)
-                await _provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
+                await provisioned(queue, provision.ensure_queue(self.js, self.settings, queue))
             if not missing:
                 await asyncio.sleep(min(2.0, 0.1 * 2**round_))
         if waiting:
@@ -420,14 +429,6 @@ class Client:
             self._adapter(model),
             keeps_result=model.__tf_results__,
         )
-
-
-async def _provisioned(what: str, provisioning: Awaitable[None]) -> None:
-    """Await `provisioning` of the stream a publish needs; unanswered is a `PublishError`."""
-    try:
-        await provisioning
-    except ConnectError as exc:
-        raise PublishError(f"cannot store on {what}: {exc}") from exc
 
 
 def connect(

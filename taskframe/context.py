@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from taskframe import _topology as topology
+from taskframe._flow_inputs import before
 from taskframe._logs import task_fields, trace_id
 from taskframe._progress import Reporter
 
@@ -124,6 +125,30 @@ class Context:
     async def publish(self, event: Event) -> str:
         """Publish an event to every subscriber group; returns its id."""
         return await self._client.publish(event)
+
+    async def previous(self, model: type[Task[R]]) -> R:
+        """In a flow, the result of the step before this one, which is a `model` task (or a
+        chain ending in one): `total = await ctx.previous(Sum)`, typed as Sum's result.
+
+        Raises `ConfigError` outside a flow, for a first step, or when the step before is
+        a group (read that with `members`) or another task.
+        """
+        value: R = await before(self._client, self._headers, self.task_id, model, False)
+        return value
+
+    @overload
+    async def members(self) -> list[Any]: ...
+    @overload
+    async def members(self, model: type[Task[R]]) -> list[R]: ...
+    async def members(self, model: type[Task[Any]] | None = None) -> list[Any]:
+        """In a flow, the results of the group before this step (a chord's callback reads
+        its members' this way), in member order: typed as `model`'s result, each member
+        being a `model` task (or a chain ending in one); untyped without `model`.
+
+        Raises `ConfigError` outside a flow, or when what comes before is not a group.
+        """
+        values: list[Any] = await before(self._client, self._headers, self.task_id, model, True)
+        return values
 
     @property
     def client(self) -> Client:

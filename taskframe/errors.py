@@ -12,6 +12,7 @@
       PayloadError         a body that cannot be read: its object is gone, or it is corrupt
       TaskFailed           a task ended without a result (failed or dead)
         TaskCancelledError     it was cancelled (`Client.cancel`) before it finished
+        FlowFailedError        a step of a flow ended dead, so the flow did too
       ResultTimeoutError   no result arrived within the time asked for
       AttemptTimeoutError  a handler ran past its timeout (recorded as the attempt's error)
 
@@ -161,6 +162,26 @@ class TaskCancelledError(TaskFailed):
 
     def __init__(self, task_id: str, attempts: int = 0) -> None:
         super().__init__(task_id, "Cancelled", "cancelled on request", attempts, "cancelled")
+
+
+class FlowFailedError(TaskFailed):
+    """A step of a flow ended dead: the flow failed, and nothing after that step ran.
+
+    Attributes:
+        flow_id: the flow's id (also its `task_id`).
+        step_id: the task id of the step that died.
+        step_task: that step's task name.
+        error_type, message: the step's error (`message` names the step too).
+    """
+
+    def __init__(
+        self, flow_id: str, step_id: str, step_task: str, error_type: str, message: str
+    ) -> None:
+        super().__init__(flow_id, error_type, message, 1, "dead")
+        self.flow_id = flow_id
+        self.step_id = step_id
+        self.step_task = step_task
+        self.args = (f"flow {flow_id} failed: {message}",)
 
 
 class ResultTimeoutError(TaskframeError, TimeoutError):

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe import schedules
 from taskframe._ratelimit import RateLimit, RateLimiter
@@ -64,7 +65,7 @@ async def provision(
     groups = sorted(app.groups if groups is None else groups)
     await ensure_shared(js, settings)
     if any(h.exactly_once for (queue, _), h in app.handlers.items() if queue in queues):
-        await ensure_stream(js, topology.claims_config(settings))
+        await ensure_stream(js, configs.claims_config(settings))
     for queue in queues:
         options = app.options(queue)
         await ensure_queue(js, settings, queue, options)
@@ -74,10 +75,10 @@ async def provision(
             await RateLimiter(js, settings, queue, limit).ensure()
     await schedules.reconcile(client, app, queues)
     if groups:
-        await ensure_stream(js, topology.events_config(settings))
+        await ensure_stream(js, configs.events_config(settings))
     for group in groups:
         events = [name for (g, name) in app.subscribers if g == group]
-        config = topology.group_config(settings, group, events, topology.DEFAULT_MAX_IN_FLIGHT)
+        config = configs.group_config(settings, group, events, topology.DEFAULT_MAX_IN_FLIGHT)
         await ensure_consumer(js, topology.events_stream(settings.namespace), config)
 
 
@@ -162,7 +163,7 @@ async def ensure_queue(
     js: JetStreamContext, settings: Settings, queue: str, options: QueueOptions | None = None
 ) -> None:
     """Create or update the stream of `queue`."""
-    await ensure_stream(js, topology.queue_config(settings, queue, options))
+    await ensure_stream(js, configs.queue_config(settings, queue, options))
 
 
 async def ensure_lanes(
@@ -178,7 +179,7 @@ async def ensure_lanes(
     default lane is updated before new lanes are added. A paused queue stays paused.
     """
     stream = topology.queue_stream(settings.namespace, queue)
-    wanted = topology.lane_configs(settings, queue, options, max_in_flight)
+    wanted = configs.lane_configs(settings, queue, options, max_in_flight)
     names = {config.name for _, config in wanted}
     have = [
         info
@@ -200,7 +201,13 @@ async def ensure_lanes(
 async def ensure_shared(js: JetStreamContext, settings: Settings) -> None:
     """Create or update the namespace's dead-letter stream, results bucket, cancel requests
     and worker registry."""
-    await ensure_stream(js, topology.dead_config(settings))
-    await ensure_stream(js, topology.results_config(settings))
-    await ensure_stream(js, topology.cancels_config(settings))
-    await ensure_stream(js, topology.workers_config(settings))
+    await ensure_stream(js, configs.dead_config(settings))
+    await ensure_stream(js, configs.results_config(settings))
+    await ensure_stream(js, configs.cancels_config(settings))
+    await ensure_stream(js, configs.workers_config(settings))
+
+
+async def ensure_flows(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the namespace's flow plans bucket and join counters."""
+    await ensure_stream(js, configs.flows_config(settings))
+    await ensure_stream(js, configs.joins_config(settings))

@@ -10,7 +10,7 @@ Each message ends in exactly one of:
              a stale ack, so this worker keeps its hands off
 
 Every outcome checks the lease first (see _leases.py), so a worker that lost a message
-settles nothing of it.
+settles nothing of it. A flow's step does its part of the flow before its ack or term.
 
 An ack after a status record waits for the server's confirmation that the record is
 stored, but the runner does not: it sends the record and takes its next task, and the ack
@@ -35,7 +35,9 @@ from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._confirmation import Confirmation
 from taskframe._deadletters import dead_letter_headers, fit
+from taskframe._flow_steps import FlowSteps, Step
 from taskframe._leases import Lease, Leases
+from taskframe._progress import write_status
 from taskframe._publish import (
     Ack,
     publish_stored,
@@ -99,6 +101,7 @@ class Settler:
         self._none_confirming = asyncio.Event()
         self._none_confirming.set()
         self._pipelining = True
+        self.flows = FlowSteps(client)
 
     async def settle(
         self, lease: Lease, how: str, delay: float | None = None, reason: str = ""
@@ -151,20 +154,19 @@ class Settler:
         applies an ack a moment after it arrives: a few quick tries), or dropped with a
         warning if none comes: the task ran, but its result is not kept.
         """
+        step = self.flows.step_of(lease.msg.headers, task_id)  # a flow's: its join before its ack
         if record is not None and self._pipelining:
-            confirmation = Confirmation(self, lease, task_id, record, skipped)
+            confirmation = Confirmation(self, lease, task_id, record, skipped, step)
             if await self._send(confirmation):
                 return "succeeded"
-        if await self._store_and_ack(lease, task_id, record):
+        if await self._store_and_ack(lease, task_id, record, step=step):
             self._count(skipped)
             return "succeeded"
         return "lost"
 
     def _count(self, skipped: bool) -> None:
-        if skipped:
-            self._stats.skipped += 1
-        else:
-            self._stats.succeeded += 1
+        self._stats.skipped += skipped
+        self._stats.succeeded += not skipped
 
     async def _send(self, confirmation: Confirmation) -> bool:
         """Send a record whose ack waits for its confirmation; False if it could not be sent."""
@@ -209,7 +211,7 @@ class Settler:
         try:
             for waited in itertools.count(1):
                 try:
-                    if await self._store_and_ack(lease, task_id, record, tried):
+                    if await self._store_and_ack(lease, task_id, record, tried, confirmation.step):
                         self._count(confirmation.skipped)
                     return
                 except PublishError as exc:
@@ -273,19 +275,40 @@ class Settler:
         return handed
 
     async def _store_and_ack(
-        self, lease: Lease, task_id: str, record: bytes | None, tried: int = 0
+        self,
+        lease: Lease,
+        task_id: str,
+        record: bytes | None,
+        tried: int = 0,
+        step: Step | None = None,
     ) -> bool:
-        if record is None:
-            return await self.settle(lease, "ack")
-        subject = topology.result_subject(self._ns, task_id)
-        try:
-            await publish_stored(self._client.nc, self._settings, subject, record, tried=tried)
-        except StoreFullError:
-            if not await self.settle(lease, "ack"):
-                return False
-            await store_in_freed_room(self._client.nc, self._settings, task_id, subject, record)
-            return True
+        """Store the record (if not yet), do a flow's step's part of its flow, then ack."""
+        if record is not None:
+            subject = topology.result_subject(self._ns, task_id)
+            try:
+                await publish_stored(self._client.nc, self._settings, subject, record, tried=tried)
+            except StoreFullError:
+                if step is not None:
+                    raise  # its join reads its record: the step waits for room, unacked
+                if not await self.settle(lease, "ack"):
+                    return False
+                await store_in_freed_room(self._client.nc, self._settings, task_id, subject, record)
+                return True
+        if step is not None and self._leases.still_ours(lease):
+            await self.flows.advance(step)
         return await self.settle(lease, "ack")
+
+    async def joined(self, confirmation: Confirmation) -> None:
+        """A flow's step whose record is confirmed stored: its part of the flow, then its ack
+        (in a task of its own: the join waits for the broker)."""
+        try:
+            lease, task_id, step = confirmation.lease, confirmation.task_id, confirmation.step
+            if await self._store_and_ack(lease, task_id, None, step=step):
+                self._count(confirmation.skipped)
+        except Exception:  # the broker is away: the step is redelivered, and joins again
+            log.exception("flow step %s not settled; it will be redelivered", task_id)
+        finally:
+            self._done(confirmation)
 
     async def failed(
         self,
@@ -326,7 +349,7 @@ class Settler:
         )
         if keeps:
             record = status_record(task_id, handler.name, TaskState.FAILED, attempt, error=error)
-            await self.progress(task_id, record)
+            await write_status(self._client.nc, self._ns, task_id, record)
         if await self.settle(lease, "nak", delay):
             self._stats.retried += 1
             return "retried"
@@ -386,6 +409,8 @@ class Settler:
                 await publish_stored(self._client.nc, self._settings, subject, record)
             except TaskframeError as exc:  # the dead letter is what counts: terminate anyway
                 log.error("status of dead task %s not stored: %s", task_id, exc)
+        if route.queue and (step := self.flows.step_of(msg.headers, task_id)) is not None:
+            await self.flows.died(step, task_id, name, error, reason)  # the flow fails with it
         if await self.settle(lease, "term", reason=f"dead letter: {reason}"):
             self._stats.dead += 1
             return "dead"
@@ -419,11 +444,3 @@ class Settler:
                 return None
             if not self._leases.still_ours(lease):
                 return None
-
-    async def progress(self, task_id: str, record: bytes) -> None:
-        """Write a non-final status without waiting: a final record, if any, supersedes it."""
-        try:
-            subject = topology.progress_subject(self._ns, task_id)
-            await self._client.nc.publish(subject, record)
-        except Exception as exc:
-            log.debug("status not written: %r", exc)

@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.msg import Msg
 
-from taskframe import _topology as topology
+from taskframe import _stream_configs as configs
 from taskframe._attempt import Attempts
 from taskframe._claims import Claims
 from taskframe._credit import Credit
 from taskframe._leases import Leases
+from taskframe._progress import write_status
 from taskframe._pull import Buffer, Feed, Pool, Route, app_routes
 from taskframe._ratelimit import RateLimit, RateLimiter
 from taskframe._registry import Registration
@@ -245,7 +246,7 @@ class Worker:
         if route.queue:
             await ensure_queue(js, self._settings, route.queue, self.app.options(route.queue))
         else:
-            await ensure_stream(js, topology.events_config(self._settings))
+            await ensure_stream(js, configs.events_config(self._settings))
         await ensure_consumer(js, route.stream, route.consumer)
 
     async def _on_reconnect(self) -> None:
@@ -270,7 +271,7 @@ class Worker:
 
     async def _running(self, task_id: str, name: str, attempt: int) -> None:
         record = status_record(task_id, name, TaskState.RUNNING, attempt)
-        await self._settler.progress(task_id, record)
+        await write_status(self.client.nc, self.client.namespace, task_id, record)
 
     async def _runner(self, pool: Pool, attempts: Attempts) -> None:
         while True:

@@ -245,6 +245,16 @@ class Ledger:
         with contextlib.suppress(AssertionError):
             await eventually(accounted, "every task accounted for", timeout=timeout, interval=0.1)
 
+    async def close_books(
+        self, client: Client, *, recover_s: float | None = None, note: str = ""
+    ) -> Figures:
+        """`settle`, then the `figures`, recorded and checked (nothing lost, no dead letter)."""
+        await self.settle(client)
+        figures = await self.figures(client, recover_s=recover_s, note=note)
+        figures.record()
+        figures.check()
+        return figures
+
     async def figures(
         self, client: Client, *, recover_s: float | None = None, note: str = ""
     ) -> Figures:

@@ -28,6 +28,7 @@ from taskframe import (
     connect,
     schedules,
 )
+from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe._publish import publish_stored
 from taskframe.provision import ensure_shared
@@ -349,7 +350,7 @@ async def refusal(client: Client, subject: str) -> PublishError:
 
 async def test_an_existing_results_bucket_takes_its_limit_in_place(client: Client) -> None:
     js, ns = client.js, client.namespace
-    before = topology.results_config(client.settings)
+    before = configs.results_config(client.settings)
     before.discard, before.max_bytes = api.DiscardPolicy.NEW, None  # as taskframe made it before
     await js.add_stream(before)
     kv = await js.key_value(topology.results_bucket(ns))
@@ -367,7 +368,7 @@ async def test_an_existing_results_bucket_takes_its_limit_in_place(client: Clien
     await ensure_shared(js, client.settings)  # back to no limit: reservation released
     config = (await js.stream_info(name)).config
     assert (config.max_bytes, config.discard) == (-1, api.DiscardPolicy.OLD)
-    claims = topology.claims_config(limited)
+    claims = configs.claims_config(limited)
     assert (claims.max_bytes, claims.discard) == (-1, api.DiscardPolicy.NEW)  # never dropped
 
     huge = Settings(url=client.settings.url, namespace=ns, results_max_bytes=2**60)

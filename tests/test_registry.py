@@ -8,7 +8,8 @@ import socket
 import time
 
 from taskframe import Client, WorkerInfo, connect
-from taskframe._topology import worker_subject, workers_config, workers_stream
+from taskframe._stream_configs import workers_config
+from taskframe._topology import worker_subject, workers_stream
 from taskframe.provision import ensure_stream
 from taskframe.testing import NatsServer, eventually, running_worker
 from tests.fault_apps import Work, build_app
