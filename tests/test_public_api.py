@@ -71,6 +71,7 @@ PUBLIC = [
 
 PUBLIC_MODULES = [
     "app",
+    "asgi",
     "cli",
     "client",
     "context",
@@ -83,6 +84,7 @@ PUBLIC_MODULES = [
     "schedules",
     "settings",
     "settle",
+    "sync",
     "testing",
     "tracing",
     "worker",
