@@ -1,16 +1,23 @@
 """taskframe.sync: the producer for sync code, one loop thread shared by every thread."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 import taskframe.sync
 from taskframe import Client, ConnectError
 from taskframe import _topology as topology
+from taskframe import _wire as wire
 from taskframe.testing import NatsServer, running_worker
 from tests.apps import Add, build
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 async def stored(client: Client, queue: str) -> int:
@@ -63,3 +70,31 @@ def test_an_unreachable_server_is_a_connect_error_and_leaves_no_thread_behind() 
     with pytest.raises(ConnectError):
         taskframe.sync.connect("nats://127.0.0.1:1", namespace="x")
     assert threading.active_count() == before
+
+
+async def test_a_script_that_never_closes_its_client_exits_cleanly_with_its_task_stored(
+    nats_server: NatsServer, client: Client
+) -> None:
+    """The client closes at interpreter exit (atexit), after its enqueue was confirmed."""
+    script = (
+        "import taskframe.sync\n"
+        "from tests.apps import Add\n"
+        f"tf = taskframe.sync.connect({nats_server.url!r}, namespace={client.namespace!r})\n"
+        "print(tf.enqueue(Add(a=1, b=2)).id)\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert await stored(client, "math") == 1
+    last = await client.js.get_last_msg(
+        topology.queue_stream(client.namespace, "math"),
+        wire.task_subject(client.namespace, "math", Add.__tf_name__),
+    )
+    assert (last.headers or {}).get("Nats-Msg-Id") == done.stdout.strip()
