@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import nats.errors
 from nats.js.errors import NoStreamResponseError
 from sqlalchemy import Connection, Engine, Row, create_engine, delete, select
 from sqlalchemy.exc import DBAPIError
@@ -90,17 +91,21 @@ class Relay:
             self._db = None
 
     async def run(self) -> None:
-        """Send committed rows as they come until `stop()`; database errors are logged and
-        retried after `poll_interval`, never raised."""
+        """Send committed rows as they come until `stop()`. A database or broker that fails
+        a pass is logged and tried again after `poll_interval`, never raised."""
         listener = _Listener(self.engine) if self._listen else None
         try:
             if listener is not None:
-                await asyncio.to_thread(listener.open)
+                try:
+                    await asyncio.to_thread(listener.open)
+                except Exception as exc:  # reconnected by `wait`; polling meanwhile
+                    log.warning("outbox LISTEN failed, polling: %r", exc)
             while not self._stopping.is_set():
                 try:
                     full = await self.drain_pass() == self.batch
-                except DBAPIError as exc:
-                    log.warning("outbox database error, trying again: %s", exc)
+                except (DBAPIError, nats.errors.Error, OSError) as exc:
+                    # The database or the broker is away: the rows wait, the relay goes on.
+                    log.warning("outbox pass failed, trying again: %r", exc)
                     await self._in_db(self._reset)
                     full = False
                 if not full:

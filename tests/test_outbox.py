@@ -182,3 +182,23 @@ async def test_the_documented_sql_migration_makes_a_working_outbox(
     status = await client.handle(Add, task_id).status()
     assert status.state.value == "queued"
     assert await stored(client, "math") == 1
+
+
+async def test_a_relay_outlives_a_database_error_and_sends_once_it_is_back(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    engine = create_engine(url)  # no outbox table yet: every pass fails
+    relay = Relay(client, url, poll_interval=0.05)
+    running = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: "outbox pass failed" in caplog.text, "a failed pass logged")
+        create_table(engine)
+        with Session(engine) as session, session.begin():
+            Outbox(client.namespace).enqueue(session, Add(a=1, b=1))
+        await eventually(lambda: relay.sent == 1, "the row sent once the table exists")
+    finally:
+        relay.stop()
+        await running
+        engine.dispose()
+    assert await stored(client, "math") == 1
