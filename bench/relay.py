@@ -42,7 +42,7 @@ from taskframe import _wire as wire
 from taskframe._server import NatsServer
 from taskframe.outbox import Outbox, Relay, create_table, outbox_table
 from taskframe.provision import ensure_queue
-from tests.postgres import PostgresServer
+from tests.postgres import running_postgres
 
 
 class Ping(Task[None], queue="relay"):
@@ -136,7 +136,7 @@ async def run(n: int, samples: int, rounds: int) -> str:
     with (
         tempfile.TemporaryDirectory() as store,
         NatsServer(port=-1, store_dir=store) as server,
-        PostgresServer() as pg,
+        running_postgres() as pg,
     ):
         engine = create_engine(pg.new_database())
         create_table(engine)

@@ -19,7 +19,7 @@ from taskframe import App, Worker, connect
 from taskframe.testing import NatsServer, running_worker
 from tests.faultkit import Procs
 from tests.ledger import RECORDED, summary_markdown, write_summary
-from tests.postgres import PostgresServer
+from tests.postgres import PostgresServer, running_postgres
 
 Workers = Callable[..., AbstractAsyncContextManager[list[Worker]]]
 
@@ -48,7 +48,7 @@ def own_server(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the session (initdb + pg_ctl in a temporary directory)."""
-    with PostgresServer() as server:
+    with running_postgres() as server:
         yield server
 
 

@@ -14,8 +14,9 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
 import psycopg
 
@@ -37,8 +38,18 @@ def _free_port() -> int:
         return port
 
 
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """`with running_postgres() as pg: pg.new_database()`: a started server, then stopped."""
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 class PostgresServer:
-    """`with PostgresServer() as pg: pg.new_database()` gives a URL of a fresh database."""
+    """A PostgreSQL cluster in a temporary directory; `new_database()` gives a fresh one."""
 
     def __init__(self) -> None:
         self.bin = _bin_dir()
@@ -72,17 +83,6 @@ class PostgresServer:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def url(self, database: str = "postgres", driver: str = "psycopg") -> str:
         """The SQLAlchemy URL of `database`."""

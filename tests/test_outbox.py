@@ -202,3 +202,19 @@ async def test_a_relay_outlives_a_database_error_and_sends_once_it_is_back(
         await running
         engine.dispose()
     assert await stored(client, "math") == 1
+
+
+async def test_a_relay_in_the_workers_process_delivers_a_committed_task_to_it(
+    db: Engine, client: Client
+) -> None:
+    """Embedded: `Relay.run()` beside `Worker.run()` on one loop and one connection."""
+    async with running_worker(build(client.namespace), client):
+        relay = Relay(client, db, poll_interval=0.05)
+        running = asyncio.create_task(relay.run())
+        try:
+            with Session(db) as session, session.begin():
+                task_id = Outbox(client.namespace).enqueue(session, Add(a=20, b=22))
+            assert await client.handle(Add, task_id).result(timeout=10) == 42
+        finally:
+            relay.stop()
+            await running
