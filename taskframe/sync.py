@@ -79,10 +79,8 @@ class SyncClient:
 
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="taskframe-sync", daemon=True
-        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
 
@@ -96,10 +94,15 @@ class SyncClient:
 
     def open(self) -> Self:
         """Start the loop thread and connect; called by `connect`."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="taskframe-sync", daemon=True
+        )
         self._thread.start()
         try:
             self._call(self._client.open())
         except BaseException:
+            self._closed = True
             self._stop_loop()
             raise
         atexit.register(self.close)
@@ -112,12 +115,16 @@ class SyncClient:
                 return
             self._closed = True
         atexit.unregister(self.close)
+        if self._loop is None:
+            return
         try:
-            self._submit(self._client.close()).result()
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()
         finally:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
@@ -133,18 +140,14 @@ class SyncClient:
     ) -> None:
         self.close()
 
-    def _submit(self, work: Coroutine[Any, Any, T]) -> Any:
-        return asyncio.run_coroutine_threadsafe(work, self._loop)
-
     def _call(self, work: Coroutine[Any, Any, T]) -> T:
-        if self._closed:
+        if self._closed or self._loop is None:
             work.close()
-            raise ConnectError("the sync client is closed")
+            raise ConnectError("the sync client is closed (or not opened: use sync.connect)")
         if threading.current_thread() is self._thread:
             work.close()
             raise ConnectError("a SyncClient cannot be called from its own loop (use Client)")
-        result: T = self._submit(work).result()
-        return result
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
 
     def enqueue(
         self,
