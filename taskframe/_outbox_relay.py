@@ -67,6 +67,7 @@ class Relay:
         self._conn: Connection | None = None
         self._stopping = asyncio.Event()
         self._known: set[str | None] = set()
+        self._unsendable: set[int] = set()  # rows left in the table, not taken again
 
     def __repr__(self) -> str:
         return f"<Relay namespace={self.client.namespace!r} db={self.engine.url!r}>"
@@ -119,11 +120,16 @@ class Relay:
         """Send every committed row now; return how many were sent."""
         before = self.sent
         try:
-            while await self.drain_pass() == self.batch:
-                pass
+            while True:  # until a short pass, or one that got nowhere (the broker is away)
+                last = self._progress()
+                if await self.drain_pass() < self.batch or self._progress() == last:
+                    break
         finally:
             await self._close()
         return self.sent - before
+
+    def _progress(self) -> tuple[int, int]:
+        return self.sent, len(self._unsendable)
 
     async def _wait(self, listener: _Listener | None) -> None:
         if listener is not None:
@@ -163,6 +169,7 @@ class Relay:
         query = (
             select(*_COLUMNS)
             .where(outbox_table.c.namespace == self.client.namespace)
+            .where(outbox_table.c.seq.not_in(self._unsendable))
             .order_by(outbox_table.c.seq)
             .limit(self.batch)
         )
@@ -191,6 +198,7 @@ class Relay:
                 check_size(row.subject, row.body, headers, nc.max_payload)
             except (ValueError, PayloadTooLargeError) as exc:
                 log.error("outbox row %d cannot be sent, left in the table: %s", row.seq, exc)
+                self._unsendable.add(row.seq)
                 continue
             sent.append((row.seq, row.queue, await sender.send(row.subject, row.body, headers)))
         if sent:
