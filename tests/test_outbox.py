@@ -5,6 +5,7 @@ nats-server. The relay's own kill -9 scenario is in test_outbox_faults.py.
 """
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -217,3 +218,15 @@ async def test_a_relay_in_the_workers_process_delivers_a_committed_task_to_it(
         finally:
             relay.stop()
             await running
+
+
+async def test_the_relay_stores_committed_rows_in_their_order(db: Engine, client: Client) -> None:
+    outbox = Outbox(client.namespace)
+    for first in (0, 30):  # two transactions, committed one after the other
+        with Session(db) as session, session.begin():
+            for n in range(first, first + 30):
+                outbox.enqueue(session, Add(a=n, b=0))
+    assert await Relay(client, db, batch=7).drain() == 60
+    stream = topology.queue_stream(client.namespace, "math")
+    bodies = [(await client.js.get_msg(stream, seq)).data for seq in range(1, 61)]
+    assert [json.loads(body or b"")["a"] for body in bodies] == list(range(60))
