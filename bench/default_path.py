@@ -12,7 +12,7 @@ starts:
 * ``raw pull+KV put+ack`` — the same, plus what a task that keeps its result costs on the
   wire: one status record (about 150 bytes of JSON) put under the task's id into a
   stream configured exactly as taskframe's results bucket
-  (`taskframe._topology.results_config`), published pipelined with a reply inbox, and the
+  (`taskframe._stream_configs.results_config`), published pipelined with a reply inbox, and the
   task acked only once the PubAck of its own record arrived. At most ``--kv-window``
   messages (default 1024) are requested or awaiting their PubAck at once; a taskframe
   worker with default options holds at most 64 running + an adaptive prefetch of 64-960

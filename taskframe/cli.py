@@ -282,6 +282,7 @@ def main() -> None:
 from taskframe import _cli_control as _cli_control  # noqa: E402  (registers its commands)
 from taskframe import _cli_dashboard as _cli_dashboard  # noqa: E402  (registers `dashboard`)
 from taskframe import _cli_inspect as _cli_inspect  # noqa: E402
+from taskframe import _cli_relay as _cli_relay  # noqa: E402  (registers `relay`)
 from taskframe import _cli_schema as _cli_schema  # noqa: E402  (registers `schema`)
 from taskframe import _cli_tasks as _cli_tasks  # noqa: E402
 from taskframe import _cli_workers as _cli_workers  # noqa: E402  (registers `workers`)

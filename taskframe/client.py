@@ -29,7 +29,7 @@ from taskframe._connection import open_connection
 from taskframe._deadletters import DeadLetter
 from taskframe._enqueue import provisioned, store_task
 from taskframe._flow_enqueue import enqueue_flow
-from taskframe._inbound import key_id
+from taskframe._message import task_message
 from taskframe._payloads import delete, encode
 from taskframe._publish import publish_stored, publisher, refused_batch, unconfirmed
 from taskframe._queues import QueueInfo, queue_infos
@@ -47,7 +47,7 @@ from taskframe.errors import (
 )
 from taskframe.flows import Flow, FlowRun
 from taskframe.hooks import EnqueueInfo, Hook
-from taskframe.models import Event, Task, check_token, result_adapter
+from taskframe.models import Event, Task, result_adapter
 from taskframe.settings import Settings
 
 R = TypeVar("R")
@@ -150,26 +150,13 @@ class Client:
         run_at: datetime | None = None,
         seen: list[EnqueueInfo] | None = None,
     ) -> tuple[str, bytes, dict[str, str], str]:
-        model = type(task)
-        name = model.__tf_name__
-        queue = model.__tf_queue__
-        task_id = key_id(key) if key is not None else wire.new_task_id()
-        lane = priority or model.__tf_priority__
-        if lane is not None:
-            check_token("priority", lane)
-        subject = wire.task_subject(self.namespace, queue, name, lane)
-        headers = wire.task_headers(task_id)
-        if run_at is not None:
-            # The server stores the schedule and enqueues the task itself when it is due;
-            # custom headers are copied onto the task, Nats-Msg-Id (for dedupe) is not.
-            headers[wire.ID] = task_id
-            headers[wire.SCHEDULE] = f"@at {wire.rfc3339(run_at)}"
-            headers[wire.SCHEDULE_TARGET] = subject
-            subject = wire.once_subject(self.namespace, queue, task_id)
+        message = task_message(self.namespace, task, key, priority, run_at)
+        subject, body, headers, task_id = message.subject, message.body, message.headers, message.id
         if seen is not None:
-            seen.append(EnqueueInfo(self.namespace, queue, name, task_id, headers))
+            name = type(task).__tf_name__
+            seen.append(EnqueueInfo(self.namespace, message.queue or "", name, task_id, headers))
             hooks.before_enqueue(self.hooks, seen[-1])
-        return subject, wire.encode(task), headers, task_id
+        return subject, body, headers, task_id
 
     def _run(self, task: Task[R], task_id: str, duplicate: bool) -> TaskRun[R]:
         run = self.handle(type(task), task_id)

@@ -19,6 +19,7 @@ from taskframe import App, Worker, connect
 from taskframe.testing import NatsServer, running_worker
 from tests.faultkit import Procs
 from tests.ledger import RECORDED, summary_markdown, write_summary
+from tests.postgres import PostgresServer, running_postgres
 
 Workers = Callable[..., AbstractAsyncContextManager[list[Worker]]]
 
@@ -42,6 +43,19 @@ def own_server(tmp_path: Path) -> Iterator[NatsServer]:
         if server.process is not None:
             server.signal(signal.SIGCONT)  # a frozen server would ignore SIGTERM until killed
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the session (initdb + pg_ctl in a temporary directory)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The SQLAlchemy URL of a fresh PostgreSQL database of the test's own."""
+    return postgres.new_database()
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import taskframe
 
+# public modules of the optional extras, imported as `import taskframe.<module>`
+EXTRAS = {"taskframe.asgi", "taskframe.sync", "taskframe.outbox"}
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -32,9 +34,12 @@ def test_examples_import_only_the_public_api() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taskframe"):
                 assert node.module == "taskframe", f"{path.name} imports {node.module}"
                 assert {a.name for a in node.names} <= public, path.name
+            elif isinstance(node, ast.Import):
+                modules = {a.name for a in node.names if a.name.startswith("taskframe.")}
+                assert modules <= EXTRAS, f"{path.name} imports {modules - EXTRAS}"
             elif (
                 isinstance(node, ast.Attribute)
                 and isinstance(node.value, ast.Name)
                 and node.value.id == "taskframe"
             ):
-                assert node.attr in public, f"{path.name} uses taskframe.{node.attr}"
+                assert node.attr in public | {m.split(".")[1] for m in EXTRAS}, path.name

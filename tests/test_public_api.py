@@ -85,6 +85,7 @@ PUBLIC = [
 
 PUBLIC_MODULES = [
     "app",
+    "asgi",
     "cli",
     "client",
     "context",
@@ -94,11 +95,13 @@ PUBLIC_MODULES = [
     "hooks",
     "metrics",
     "models",
+    "outbox",
     "provision",
     "schedules",
     "schema",
     "settings",
     "settle",
+    "sync",
     "testing",
     "tracing",
     "worker",
@@ -129,13 +132,14 @@ def test_the_public_modules_are_these_and_every_other_module_is_private() -> Non
 
 def test_the_readme_uses_only_the_public_surface() -> None:
     """Every Python example in the README imports from `taskframe` (its __all__) and
-    `taskframe.testing`, `taskframe.metrics`, `taskframe.tracing` and `taskframe.dashboard`
-    (the optional extras' modules, each its __all__) only, and uses no other `taskframe.<name>`."""
-    from taskframe import dashboard, metrics, testing, tracing
+    `taskframe.testing`, `taskframe.metrics`, `taskframe.tracing`, `taskframe.dashboard`,
+    `taskframe.sync`, `taskframe.asgi` and `taskframe.outbox` (the optional extras' modules,
+    each its __all__) only, and uses no other `taskframe.<name>`."""
+    from taskframe import asgi, dashboard, metrics, outbox, sync, testing, tracing
 
     allowed = {"taskframe": set(PUBLIC)} | {
         f"taskframe.{m.__name__.rsplit('.', 1)[1]}": set(m.__all__)
-        for m in (testing, metrics, tracing, dashboard)
+        for m in (testing, metrics, tracing, dashboard, sync, asgi, outbox)
     }
     readme = (PACKAGE.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
