@@ -37,7 +37,7 @@ from taskframe import _wire as wire
 from taskframe._enqueue import store_task
 from taskframe._flow_plan import CHAIN, Plan, leaf_id, split_leaf_id
 from taskframe._flow_records import create, read_plan, succeeded_steps, write_flow_record
-from taskframe._publish import publish_stored, refusal
+from taskframe._publish import publish_stored, publisher, refusal
 from taskframe._results import ErrorInfo, TaskState, read_status
 from taskframe._retry import answered
 
@@ -137,14 +137,14 @@ class FlowSteps:
         ns, js = self._client.namespace, self._client.js
         subject = topology.join_subject(ns, flow_id, group)
         headers = {_INCR: "1", wire.MSG_ID: f"{flow_id}.{group}.{member}"}
-        # A request, not nats-py's js.publish, whose PubAck costs more than the rest of a join.
+        # Asked through the pipelined publisher: nats-py's js.publish and request cost more
+        # than the rest of a join.
         reply = await answered(
             f"join {subject}",
-            self._client.nc.request,
+            publisher(self._client.nc).ask,
             subject,
-            b"",
-            timeout=self._client.settings.publish_timeout,
-            headers=headers,
+            headers,
+            self._client.settings.publish_timeout,
         )
         answer = json.loads(reply.data or b"{}")
         if "error" in answer:

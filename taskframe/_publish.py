@@ -119,6 +119,7 @@ class Publisher:
         self._prefix = ""
         self._futures: dict[str, tuple[asyncio.Future[Ack], str]] = {}
         self._thens: dict[str, tuple[Then, float, str]] = {}  # then, deadline, subject
+        self._asks: dict[str, asyncio.Future[Msg]] = {}
         self._sequence = itertools.count()
         self._room = asyncio.Event()
         self._room.set()
@@ -173,6 +174,28 @@ class Publisher:
             self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
         return token
 
+    async def ask(self, subject: str, headers: dict[str, str], timeout: float) -> Msg:
+        """Publish an empty body and return the server's whole answer, for a caller that
+        reads more of it than `send` keeps (a counter's value): nats-py's `request` costs a
+        random token and a `wait_for` more. Raises nats-py's `TimeoutError` if none comes
+        within `timeout`, `NoRespondersError` if no stream listens on `subject`."""
+        if not self._prefix:
+            await self._subscribe()
+        token = str(next(self._sequence))
+        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._asks[token] = answer
+        try:
+            await self._nc.publish(subject, b"", reply=self._prefix + token, headers=headers)
+            async with asyncio.timeout(timeout):
+                msg = await answer
+        except TimeoutError:
+            raise nats.errors.TimeoutError from None
+        finally:
+            self._asks.pop(token, None)
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
+
     def forget(self, token: str) -> bool:
         """Stop waiting for the confirmation of `send_then`'s `token`; False if it came."""
         return self._thens.pop(token, None) is not None
@@ -197,6 +220,11 @@ class Publisher:
         """Resolve the future (or call the `then`) that `msg` answers. Never raises: nats-py
         would only log it, and the future would wait out its timeout."""
         token = msg.subject[len(self._prefix) :]
+        asked = self._asks.get(token)
+        if asked is not None:
+            if not asked.done():
+                asked.set_result(msg)
+            return
         then = self._thens.pop(token, None)
         if then is not None:
             data = msg.data

@@ -25,7 +25,7 @@ from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from taskframe import App, Client, Context, Event, Task, connect
+from taskframe import App, Client, Context, Event, FlowRun, Task, chain, connect
 from taskframe._dashboard_rates import WINDOW, Rates
 from taskframe.dashboard import create_app
 from taskframe.provision import provision
@@ -204,6 +204,35 @@ async def test_a_cancelled_running_task_shows_cancelled(
         await expect(page.locator("#state")).to_have_text("running")
         await page.get_by_role("button", name="Cancel").click()
         await expect(page.locator("#state")).to_have_text("cancelled")
+
+
+@module_loop
+async def test_a_flow_shows_its_steps_and_cancel_stops_what_has_not_run(
+    client: Client, base: str, page: Page
+) -> None:
+    BROKEN["now"] = False
+    flow = await client.enqueue(chain(Fragile(n=3), Sleepy(), Fragile(n=4)))
+    async with running_worker(build(client.namespace), client):
+        await eventually(lambda: _step(flow, 1, "running"), "the chain's second step to run")
+        await page.goto(f"{base}/tasks?id={flow.id}")
+        await expect(page.locator("#state")).to_have_text("running")
+        steps = page.locator("table.steps tbody tr")
+        await expect(steps).to_have_count(3)
+        states = [steps.nth(i).locator('[data-field="state"]') for i in range(3)]
+        await expect(states[0]).to_have_text("succeeded")
+        await expect(states[1]).to_have_text("running")
+        await expect(states[2]).to_have_text("waiting")
+        await page.get_by_role("button", name="Cancel").click()
+        await expect(page.locator("#state")).to_have_text("cancelled")
+        await expect(states[1]).to_have_text("cancelled")
+        await steps.nth(0).locator("a").click()
+        await expect(page.locator("#task")).to_contain_text("fixed 3")
+    last = (await flow.status()).steps[2]
+    assert (last.state, last.attempt) == ("cancelled", 0)  # dropped unrun
+
+
+async def _step(flow: FlowRun[object], step: int, state: str) -> bool:
+    return (await flow.status()).steps[step].state == state
 
 
 async def _state(client: Client, task_id: str, state: str) -> bool:
