@@ -55,7 +55,8 @@ async def provision(
 ) -> None:
     """Create or update everything `app` needs: its queues' streams and consumers (one per
     lane), its subscriber groups, the namespace's dead letters, results, worker registry,
-    claims and rate counters, and its periodic schedules. `queues` and `groups` narrow it down.
+    flows, payloads bucket, claims and rate counters, and its periodic schedules. `queues`
+    and `groups` narrow it down.
 
     Raises `ConfigError` for a setting that conflicts with what exists, `ConnectError` if
     JetStream does not answer.
@@ -64,6 +65,9 @@ async def provision(
     queues = sorted(app.queues if queues is None else queues)
     groups = sorted(app.groups if groups is None else groups)
     await ensure_shared(js, settings)
+    await ensure_flows(js, settings)  # made here too: a producer or worker may not create them
+    if settings.offload_over:
+        await ensure_stream(js, configs.payloads_config(settings))
     if any(h.exactly_once for (queue, _), h in app.handlers.items() if queue in queues):
         await ensure_stream(js, configs.claims_config(settings))
     for queue in queues:

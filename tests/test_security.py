@@ -22,7 +22,10 @@ from taskframe import (
     Context,
     PermissionDeniedError,
     Task,
+    chain,
+    chord,
     connect,
+    group,
     provision,
 )
 from taskframe._connection import explain
@@ -355,3 +358,51 @@ def test_explanations_name_the_remedy() -> None:
     assert ack.operation == "acknowledge a delivered task"
     lanes = explain("publish", "$JS.API.CONSUMER.DELETE.TF_shop_math.workers-high")
     assert lanes.operation == "delete a consumer of stream TF_shop_math"
+
+
+class Big(Task[int], queue="math"):
+    """A body over the clients' offload threshold: it goes through the payloads bucket."""
+
+    blob: str
+
+
+class Sum(Task[int], queue="math"):
+    """A chord's callback: reads its members' results on the worker."""
+
+
+def build_big_app() -> App:
+    app = build_app()
+
+    @app.handle(Big)
+    async def big(job: Big, ctx: Context) -> int:
+        return len(job.blob)
+
+    @app.handle(Sum)
+    async def total(job: Sum, ctx: Context) -> int:
+        return sum(await ctx.members(Double))
+
+    return app
+
+
+async def test_a_flow_and_a_large_task_run_under_the_producer_and_worker_roles(
+    server: NatsServer, pki: Path, provisioned: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TASKFRAME_")]:
+        monkeypatch.delenv(name)
+    logged = set(server.log)  # the server's log so far (earlier tests' refusals)
+    url = f"127.0.0.1:{server.port}"
+    small = {"offload_over": 4096, **_tls(pki)}
+    async with (
+        connect(f"nats://producer:{PASSWORDS['producer']}@{url}", namespace=NS,
+                inbox_prefix="_INBOX_producer", **small) as producer,
+        connect(f"nats://worker:{PASSWORDS['worker']}@{url}", namespace=NS,
+                inbox_prefix="_INBOX_worker", **small) as worker,
+    ):  # fmt: skip
+        big = await producer.enqueue(Big(blob="x" * 100_000))
+        flow = await producer.enqueue(chain(Double(n=1), group(Double(n=2), Double(n=3))))
+        summed = await producer.enqueue(chord(group(Double(n=4), Double(n=5)), then=Sum()))
+        async with running_worker(build_big_app(), worker):
+            assert await big.result(timeout=10) == 100_000
+            assert await flow.result(timeout=10) == [4, 6]
+            assert await summed.result(timeout=10) == 18
+    assert [line for line in server.log if "Violation" in line and line not in logged] == []
