@@ -31,6 +31,7 @@ import types
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
+from nats.aio.client import Srv
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionDrainingError, MaxPayloadError
@@ -126,6 +127,14 @@ class TolerantClient(NATS):
         sub = await self.subscribe(subject, pending_msgs_limit=-1)
         self._listeners[sub._id] = listener
         return sub
+
+    async def _connect_to_server(self, s: Srv) -> None:
+        # nats-py keeps one transport object and gives it a new socket on each attempt: a
+        # connection that failed after its TCP connect (a frozen server still accepts, in
+        # the kernel, and never sends INFO) was replaced without being closed.
+        if self._transport is not None:
+            self._transport.close()  # type: ignore[no-untyped-call]
+        await super()._connect_to_server(s)
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._listeners.pop(sid, None)

@@ -5,6 +5,10 @@ messages on a real server."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import signal
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,3 +135,26 @@ async def test_publish_now_on_a_closed_connection_raises(nats_server: NatsServer
     await nc.close()
     with pytest.raises(ConnectionClosedError):
         nc.publish_now("tolerant.closed", b"x")
+
+
+async def test_reconnect_attempts_to_a_frozen_server_leave_no_socket_open(
+    tmp_path: Path,
+) -> None:
+    with NatsServer(port=-1, store_dir=tmp_path) as server:
+        nc = TolerantClient()
+        quick: dict[str, Any] = {"ping_interval": 0.2, "max_outstanding_pings": 1}
+        quick |= {"connect_timeout": 0.3, "reconnect_time_wait": 0.1}  # nats-py types: int
+        await nc.connect(server.url, max_reconnect_attempts=-1, **quick)
+        server.signal(signal.SIGSTOP)  # it still accepts connections, and never answers
+        try:
+            await eventually(lambda: nc._err is not None and nc.stats["reconnects"] == 0,
+                             "a reconnect attempt to time out")  # fmt: skip
+            await eventually(lambda: isinstance(nc._err, TimeoutError), "a connect timeout")
+        finally:
+            server.signal(signal.SIGCONT)
+        await eventually(lambda: nc.is_connected and nc.stats["reconnects"] >= 1, "reconnected")
+        await nc.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
