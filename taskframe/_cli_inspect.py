@@ -5,7 +5,6 @@ are named as the models' fields (`QueueInfo`, `DeadLetter`, `StoredSchedule`,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -15,11 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from taskframe._cli_common import Namespace, Url, cli, run_command, table
-from taskframe._flow_records import FLOW_TASK
 from taskframe._results import TaskState, TaskStatus
 from taskframe.client import connect
-from taskframe.errors import ConfigError
-from taskframe.flows import FlowRun, FlowStatus
+from taskframe.flows import FlowStatus, flow_named
 from taskframe.schedules import stored_schedules
 
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")]
@@ -157,10 +154,8 @@ def status(
         async with connect(url, namespace=namespace) as client:
             found = await client.status(task_id)
             progress = await client.progress(task_id)
-            flow = None
-            if found is None or found.task == FLOW_TASK:
-                with contextlib.suppress(ConfigError):  # not a flow: it has no plan
-                    flow = await FlowRun(client, task_id).status()
+            run = await flow_named(client, task_id, found)
+            flow = await run.status() if run is not None else None
         if flow is not None:
             _show_flow(flow, as_json)
             return

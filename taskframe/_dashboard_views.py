@@ -16,13 +16,11 @@ from taskframe import _dashboard_dead as dead
 from taskframe._dashboard_common import client_of, number, render
 from taskframe._dashboard_errors import View, bounded
 from taskframe._dashboard_security import checked_form
-from taskframe._flow_records import FLOW_TASK
 from taskframe._groups import group_infos
 from taskframe._inbound import TASK_ID
 from taskframe._queues import queue_infos, queue_streams
-from taskframe.client import Client
-from taskframe.errors import ConfigError, TaskframeError
-from taskframe.flows import FlowRun, FlowStatus
+from taskframe.errors import TaskframeError
+from taskframe.flows import flow_named
 from taskframe.schedules import stored_schedules
 
 PAGE = 50
@@ -96,19 +94,10 @@ async def _task(request: Request) -> dict[str, Any]:
     client = await client_of(request)
     task_id = _task_id(request)
     status = await client.status(task_id)
-    flow = None
-    if status is None or status.task == FLOW_TASK:  # a flow's id: its steps are the page
-        flow = await _flow(client, task_id)
+    run = await flow_named(client, task_id, status)  # a flow's id: its steps are the page
+    flow = await run.status() if run is not None else None
     progress = await client.progress(task_id)
     return {"task_id": task_id, "status": status, "progress": progress, "flow": flow}
-
-
-async def _flow(client: Client, flow_id: str) -> FlowStatus | None:
-    """The flow `flow_id` names, with its steps; None if it names none (no plan)."""
-    try:
-        return await FlowRun(client, flow_id).status()
-    except ConfigError:
-        return None
 
 
 async def schedules(request: Request) -> Response:
@@ -138,8 +127,8 @@ async def cancel(request: Request) -> Response:
     await checked_form(request)
     task_id = _task_id(request)
     client = await client_of(request)
-    flow = await _flow(client, task_id)
-    cancelled = FlowRun(client, task_id).cancel() if flow else client.cancel(task_id)
+    run = await flow_named(client, task_id, await client.status(task_id))
+    cancelled = run.cancel() if run is not None else client.cancel(task_id)
     if not await _act(request, cancelled):
         raise HTTPException(409, f"task {task_id} is finished or not known: nothing to cancel")
     return RedirectResponse(str(request.url_for("task", task_id=task_id)), status_code=303)

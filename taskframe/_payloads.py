@@ -133,7 +133,7 @@ async def encode(client: Client, subject: str, body: bytes, headers: dict[str, s
 
 def _store(js: JetStreamContext, namespace: str) -> ObjectStore:
     bucket = topology.payloads_bucket(namespace)
-    return ObjectStore(name=bucket, stream=f"OBJ_{bucket}", js=js)
+    return ObjectStore(name=bucket, stream=topology.payloads_stream(namespace), js=js)
 
 
 def encoded(headers: dict[str, str] | None) -> bool:

@@ -22,10 +22,12 @@ from taskframe._topology import (
     dead_stream,
     events_stream,
     flows_bucket,
+    flows_stream,
     group_consumer,
     joins_stream,
     lane_consumer,
     payloads_bucket,
+    payloads_stream,
     queue_stream,
     rate_stream,
     results_bucket,
@@ -89,7 +91,8 @@ def payloads_config(settings: Settings) -> js_api.StreamConfig:
     object nobody deleted."""
     bucket = payloads_bucket(settings.namespace)
     config = js_api.StreamConfig(
-        name=f"OBJ_{bucket}", subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"]
+        name=payloads_stream(settings.namespace),
+        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
     )
     config.retention, config.storage = js_api.RetentionPolicy.LIMITS, _storage(settings)
     config.num_replicas, config.max_age = settings.replicas, settings.payload_ttl
@@ -261,7 +264,7 @@ def rate_config(settings: Settings, max_age: float) -> js_api.StreamConfig:
 def flows_config(settings: Settings) -> js_api.StreamConfig:
     """The flows bucket: as the claims bucket (never dropped for room), kept `result_ttl`."""
     config, bucket = claims_config(settings), flows_bucket(settings.namespace)
-    config.name, config.subjects = f"KV_{bucket}", [f"$KV.{bucket}.>"]
+    config.name, config.subjects = flows_stream(settings.namespace), [f"$KV.{bucket}.>"]
     config.max_age, config.duplicate_window = settings.result_ttl, min(120.0, settings.result_ttl)
     config.metadata = {META_NAMESPACE: settings.namespace, META_KIND: "flows"}
     return config

@@ -122,6 +122,11 @@ def payloads_bucket(namespace: str) -> str:
     return f"TF_{namespace}_payloads"
 
 
+def payloads_stream(namespace: str) -> str:
+    """The stream behind the payloads object store bucket."""
+    return f"OBJ_{payloads_bucket(namespace)}"
+
+
 def results_bucket(namespace: str) -> str:
     """The results KV bucket name of `namespace`."""
     return f"TF_{namespace}_results"

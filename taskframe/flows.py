@@ -22,7 +22,13 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from taskframe import _topology as topology
 from taskframe import _wire as wire
 from taskframe._flow_plan import Leaf, Plan, leaf_id
-from taskframe._flow_records import create, read_plan, step_records, write_flow_record
+from taskframe._flow_records import (
+    FLOW_TASK,
+    create,
+    read_plan,
+    step_records,
+    write_flow_record,
+)
 from taskframe._publish import publish_stored
 from taskframe._results import ErrorInfo, TaskState, TaskStatus, read_status, status_record
 from taskframe.errors import (
@@ -223,6 +229,18 @@ class FlowRun(Generic[R]):
         if plan is None:
             raise ConfigError(f"no flow {self.id} (never enqueued, or its plan expired)")
         return plan
+
+
+async def flow_named(
+    client: Client, task_id: str, status: TaskStatus | None
+) -> FlowRun[Any] | None:
+    """A handle on the flow `task_id` names, or None if it names none. `status` is the id's
+    own record (`Client.status`): a flow has one only once it ended, under the name "flow"."""
+    if status is not None and status.task != FLOW_TASK:
+        return None
+    if await read_plan(client, task_id) is None:
+        return None
+    return FlowRun(client, task_id)
 
 
 def _step_status(flow_id: str, leaf: int, step: Leaf, found: TaskStatus | None) -> StepStatus:
