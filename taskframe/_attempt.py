@@ -10,6 +10,7 @@ import contextvars
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -89,8 +90,7 @@ class Attempts:
 
     async def process(self, pool: Pool, route: Route, lease: Lease) -> None:
         """Run one delivery to its outcome."""
-        msg = lease.msg
-        attempt, seq, _ = wire.delivery(msg.reply)
+        msg, attempt, seq = lease.msg, lease.attempt, lease.sequence
         if route.queue:
             arrival = inbound.task(msg.subject, msg.headers, f"{route.queue}-{seq}")
         else:
@@ -256,15 +256,15 @@ class Attempts:
         """Run the handler and settle its outcome; `recorded`: its `running` record is
         stored already (`AttemptRecords.mark_started`)."""
         name, keeps, settler = handler.name, handler.keeps_result, self._settler
-        ctx = Context(
-            task_id=task_id,
-            task=name,
-            queue=route.queue or "",
-            attempt=attempt,
-            max_attempts=handler.max_attempts,
-            client=self._client,
-            heartbeat=functools.partial(self._leases.renew, lease),
-            headers=lease.msg.headers,
+        ctx = Context(  # by position: built for every task
+            task_id,
+            name,
+            route.queue or "",
+            attempt,
+            handler.max_attempts,
+            self._client,
+            functools.partial(self._leases.renew, lease),
+            lease.msg.headers,
         )
         if keeps and not recorded:
             # Built and written by the lease keeper once the attempt has run a while: most
@@ -273,7 +273,12 @@ class Attempts:
             lease.running = (task_id, name, attempt)
         result_json = b"null"
         try:
-            value = await self._call(handler, task, ctx)
+            try:
+                work = self._work(handler, task, ctx)
+                value = await self._watchdog.call(handler.timeout, work, task_id)
+            finally:
+                if ctx._reporter is not None:  # the last progress it reported, if not yet written
+                    await ctx._reporter.close()
             lease.running = None
             if keeps:  # validated only where it is stored: a fire-and-forget result goes nowhere
                 result_json = handler.result.dump_json(handler.result.validate_python(value))
@@ -282,58 +287,72 @@ class Attempts:
             await self._release(lease)
             await settler.settle(lease, "nak")  # shutting down: hand the task back at once
             raise
-        except Reject as exc:
-            lease.running = None
-            await self._release(lease)
-            error = ErrorInfo(type="Reject", message=exc.reason)
-            if seen is not None:
-                seen.error, seen.reason = exc, "rejected"
-            return await settler.bury(
-                lease, route, name, task_id, attempt, "rejected", error, keeps
-            )
         except Exception as exc:
             lease.running = None
             await self._release(lease)
-            if isinstance(exc, TaskCancelledError) and exc.task_id == task_id:  # not another's
-                return await self._cancelled(lease, task_id, name, attempt, keeps)
-            if seen is not None:
-                seen.error = exc
-            return await settler.failed(lease, route, handler, task_id, attempt, exc)
+            return await self._raised(route, handler, task_id, attempt, lease, seen, exc)
         record = None
         if keeps:
             record = status_record(
-                task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json
+                task_id, name, TaskState.SUCCEEDED, attempt, result_json=result_json, plain=True
             )
-            large = payloads.oversize(self._client, len(record))
-            record = await self._stored_large(task_id, record) if large else record
-        claims, claim = self._claims, lease.claim
-        if claims is not None and claim is not None and not await claims.complete(claim, record):
-            message = "claim on %s %s was lost while it ran: not acking"
-            log.warning(message, name, task_id, extra=lease.fields)
-            self._stats.lost += 1
+            if payloads.oversize(self._client, len(record)):
+                record = await self._stored_large(task_id, record)
+        if lease.claim is not None and not await self._completed(lease, record, name, task_id):
             return "lost"
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins
             return "lost"
+        if record is not None and settler.sent(lease, task_id, record):
+            return "succeeded"  # acked once the server confirms the record
         return await settler.succeeded(lease, task_id, record)
 
-    async def _call(self, handler: Handler[Any], task: Any, ctx: Context) -> Any:
-        """Run the handler under its timeout, stopped if its task is cancelled: on the loop,
-        or in the thread pool if plain (a thread cannot be stopped: its result is dropped)."""
-        try:
-            if handler.is_async:
-                return await self._watchdog.call(
-                    handler.timeout, lambda: handler.fn(task, ctx), ctx.task_id
-                )
-            loop = asyncio.get_running_loop()
-            call = functools.partial(handler.fn, task, ctx)
-            if self._hooks:  # what hooks set in attempt_started is seen in the thread too
-                call = functools.partial(contextvars.copy_context().run, handler.fn, task, ctx)
-            return await self._watchdog.call(
-                handler.timeout, lambda: loop.run_in_executor(self._threads, call), ctx.task_id
+    async def _raised(
+        self,
+        route: Route,
+        handler: Handler[Any],
+        task_id: str,
+        attempt: int,
+        lease: Lease,
+        seen: AttemptInfo | None,
+        exc: Exception,
+    ) -> Outcome:
+        """Settle an attempt whose handler raised: rejected, cancelled, or failed."""
+        name, keeps = handler.name, handler.keeps_result
+        if isinstance(exc, Reject):
+            error = ErrorInfo(type="Reject", message=exc.reason)
+            if seen is not None:
+                seen.error, seen.reason = exc, "rejected"
+            return await self._settler.bury(
+                lease, route, name, task_id, attempt, "rejected", error, keeps
             )
-        finally:
-            if ctx._reporter is not None:  # the last progress it reported, if not yet written
-                await ctx._reporter.close()
+        if isinstance(exc, TaskCancelledError) and exc.task_id == task_id:  # not another's
+            return await self._cancelled(lease, task_id, name, attempt, keeps)
+        if seen is not None:
+            seen.error = exc
+        return await self._settler.failed(lease, route, handler, task_id, attempt, exc)
+
+    async def _completed(self, lease: Lease, record: bytes | None, name: str, task_id: str) -> bool:
+        """Mark an exactly-once task's claim completed (with its record); False if the claim
+        was lost while it ran (then it is not acked)."""
+        assert self._claims is not None
+        assert lease.claim is not None
+        if await self._claims.complete(lease.claim, record):
+            return True
+        message = "claim on %s %s was lost while it ran: not acking"
+        log.warning(message, name, task_id, extra=lease.fields)
+        self._stats.lost += 1
+        return False
+
+    def _work(self, handler: Handler[Any], task: Any, ctx: Context) -> Callable[[], Awaitable[Any]]:
+        """The handler's call, for the watchdog: on the loop, or in the thread pool if plain
+        (a thread cannot be stopped: its result is dropped)."""
+        if handler.is_async:
+            return functools.partial(handler.fn, task, ctx)
+        call = functools.partial(handler.fn, task, ctx)
+        if self._hooks:  # what hooks set in attempt_started is seen in the thread too
+            call = functools.partial(contextvars.copy_context().run, handler.fn, task, ctx)
+        loop = asyncio.get_running_loop()
+        return lambda: loop.run_in_executor(self._threads, call)
 
     async def _cancelled(
         self, lease: Lease, task_id: str, name: str, attempt: int, keeps_result: bool

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
 from taskframe._flow_steps import Step
 from taskframe._leases import Lease
-from taskframe._publish import TRANSIENT
+from taskframe._publish import TRANSIENT, unavailable
+from taskframe._retry import RECORD_RETRY
+from taskframe.errors import PublishError
 
 if TYPE_CHECKING:
     from taskframe.settle import Settler
@@ -42,7 +46,8 @@ class Confirmation:
         self.task_id = task_id
         self.record = record
         self.skipped = skipped
-        self.token = ""
+        self.token = 0
+        """What `Publisher.forget` takes: it stops waiting for the confirmation."""
         self.slow: asyncio.Task[None] | None = None
         self.step = step
         """The flow and step, for a flow's step: its join comes before its ack."""
@@ -56,17 +61,65 @@ class Confirmation:
             if isinstance(error, TRANSIENT):  # as publish_stored counts an unanswered attempt
                 tried = 1
                 log.warning("no confirmation for the record of %s (attempt 1)", self.task_id)
-            self.slow = asyncio.create_task(
-                settler._confirm_slowly(self, tried), name="taskframe-confirm"
-            )
+            self.slow = asyncio.create_task(self._slowly(tried), name="taskframe-confirm")
             return
         if self.step is not None:
             self.slow = asyncio.create_task(settler.joined(self), name="taskframe-join")
             return
+        self._acked()
+
+    def _acked(self) -> None:
+        """Ack the message of a record confirmed stored (unless its lease was lost), count
+        it and release it: every task that keeps its result comes here."""
+        settler, lease = self.settler, self.lease
         try:
-            if settler.ack_now(self.lease):
-                settler._count(self.skipped)
+            if settler.ack_now(lease):
+                settler.count(self.skipped)
         except Exception as exc:  # cut off: the message is redelivered after ack_wait
             log.warning("ack of %s not sent: %r; it will be redelivered", self.task_id, exc)
         finally:
-            settler._done(self)
+            settler.done(self)
+
+    async def _slowly(self, tried: int) -> None:
+        """The awaited path for a record refused or not confirmed in time: `publish_stored`
+        (which retries what went unanswered, `tried` times already), then the ack; acks
+        first in a full store.
+
+        A record the broker cannot store now (its stream has no leader: a cluster electing
+        one, or short of its quorum) is tried again for as long as the lease holds, since
+        the keeper renews it: the work is done, and leaving the message to redelivery would
+        run the handler again and spend an attempt each ack_wait, until a task that
+        succeeded every time was buried as lost.
+        """
+        settler, lease = self.settler, self.lease
+        try:
+            for waited in itertools.count(1):
+                try:
+                    stored = await settler._store_and_ack(
+                        lease, self.task_id, self.record, tried, self.step
+                    )
+                    if stored:
+                        settler.count(self.skipped)
+                    return
+                except PublishError as exc:
+                    if not unavailable(exc) or not await self._held_while_away(waited, exc):
+                        raise
+                    tried = 0
+        except Exception:
+            log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
+        finally:
+            settler.done(self)
+
+    async def _held_while_away(self, waited: int, exc: Exception) -> bool:
+        """Wait to store a record again; False if the lease ran out or the worker stops."""
+        lease, stopping = self.lease, self.settler.stopping
+        delay = min(self.settler.ack_wait / 3, RECORD_RETRY.delay(waited))
+        log.warning(
+            "status record of %s not stored (%s); trying again in %.1fs, holding the task",
+            lease.msg.subject,
+            exc,
+            delay,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+        return not stopping.is_set() and lease.valid()

@@ -46,6 +46,12 @@ class Lease:
     expires: float
     key: str = ""
     """The message's stream and sequence: the same for every delivery of it."""
+    attempt: int = 0
+    """The delivery's number: 1 for the first."""
+    sequence: int = 0
+    """The message's stream sequence."""
+    credit: Credit | None = field(default=None, repr=False)
+    """The credit the message holds, returned (once) when the lease is released."""
     lost: bool = False
     started: bool = False
     claim: Claim | None = None
@@ -53,8 +59,6 @@ class Lease:
     """The attempt's task id, task name and attempt number while a `running` status is still
     to be written: written if the attempt still runs at the keeper's next round."""
     renewing: asyncio.Task[None] | None = field(default=None, repr=False)
-    credit: Credit | None = field(default=None, repr=False)
-    """The credit the message holds, returned (once) when the lease is released."""
     confirming: bool = False
     """Its attempt has ended; its ack waits for the confirmation of its status record."""
     settled: bool = False
@@ -132,15 +136,15 @@ class Leases:
         if expires <= now:
             log.warning("delivery on %s arrived after its lease: left to redelivery", msg.subject)
             return None
-        key = wire.delivery_key(msg.reply)
+        key, attempt, sequence = wire.delivered(msg.reply)
         running = self._started.get(key)
         if running is not None:
-            self._adopt(running, msg, expires)
+            self._adopt(running, msg, expires, attempt)
             return None
-        lease = self._held[id(msg)] = Lease(msg, expires, key, credit=credit)
+        lease = self._held[id(msg)] = Lease(msg, expires, key, attempt, sequence, credit)
         return lease
 
-    def _adopt(self, lease: Lease, msg: Msg, expires: float) -> None:
+    def _adopt(self, lease: Lease, msg: Msg, expires: float, attempt: int) -> None:
         """Carry on a running attempt under a new delivery of its message.
 
         The server redelivered it because this worker lost the lease (cut off or stalled),
@@ -148,7 +152,7 @@ class Leases:
         runs, would be wrong. The attempt settles with the new delivery instead.
         """
         self._held.pop(id(lease.msg), None)
-        lease.msg, lease.expires, lease.lost = msg, expires, False
+        lease.msg, lease.expires, lease.lost, lease.attempt = msg, expires, False, attempt
         self._held[id(msg)] = lease
         log.info(
             "redelivery of %s, whose attempt still runs here: the attempt carries on",
@@ -177,7 +181,7 @@ class Leases:
 
     def still_ours(self, lease: Lease) -> bool:
         """Whether `lease` is valid; if not, count it lost (once) and say so."""
-        if lease.valid():
+        if not lease.lost and time.monotonic() < lease.expires:  # `valid()`, for every task
             return True
         self._give_up(lease, "lease on %s lost: leaving it to its new owner")
         return False

@@ -14,6 +14,7 @@ briefly unavailable (a cluster electing a leader), is tried again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -29,10 +30,10 @@ from nats.aio.msg import Msg
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from taskframe import _wire as wire
+from taskframe._batching import LINGER, OVER, Batches
 from taskframe._connection import watch
-from taskframe._tolerant import listen, publish_now
+from taskframe._tolerant import listen_raw, sender
 from taskframe.errors import PayloadTooLargeError, PublishError, StoreFullError, StreamMissingError
-from taskframe.models import Task
 from taskframe.settings import Settings
 
 log = logging.getLogger("taskframe._publish")
@@ -116,57 +117,67 @@ class Publisher:
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
+        self._send_now = sender(nc)
         self._prefix = ""
-        self._futures: dict[str, tuple[asyncio.Future[Ack], str]] = {}
-        self._thens: dict[str, tuple[Then, float, str]] = {}  # then, deadline, subject
-        self._asks: dict[str, asyncio.Future[Msg]] = {}
-        self._sequence = itertools.count()
+        self._futures: dict[int, tuple[asyncio.Future[Ack], str]] = {}
+        self._thens: dict[int, tuple[Then, float, str]] = {}  # then, deadline, subject
+        self._asks: dict[int, asyncio.Future[Msg]] = {}
+        self._sequence = itertools.count(1)  # tokens: a reply subject's last token
+        self._cut = 0
         self._room = asyncio.Event()
         self._room.set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._batches: Batches | None = None
+        self._lingering: asyncio.TimerHandle | None = None
 
-    async def _subscribe(self) -> None:
+    @property
+    def ready(self) -> bool:
+        """Whether its reply subscription exists (`send_now` needs it)."""
+        return bool(self._prefix)
+
+    async def subscribe(self) -> None:
+        """Subscribe to the replies, once."""
         if not self._prefix:
             prefix = self._nc.new_inbox() + "."
-            await listen(self._nc, prefix + "*", self._on_reply)
-            self._prefix = prefix
+            await listen_raw(self._nc, prefix + ">", self._on_reply)
+            self._prefix, self._cut = prefix, len(prefix)
+            reconnects = functools.partial(self._nc.stats.__getitem__, "reconnects")
+            self._batches = Batches(self._send_now, self._confirm, prefix, reconnects)
 
     async def send(
         self, subject: str, body: bytes, headers: dict[str, str] | None
     ) -> asyncio.Future[Ack]:
         """Publish; the returned future resolves to the `Ack`, or to the error of `refusal`."""
         if not self._prefix:
-            await self._subscribe()
+            await self.subscribe()
         while len(self._futures) >= self.WINDOW:
             self._room.clear()
             await self._room.wait()
-        token = str(next(self._sequence))
+        token = next(self._sequence)
         future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._futures[token] = (future, subject)
         try:
-            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            await self._nc.publish(subject, body, reply=f"{self._prefix}{token}", headers=headers)
         except BaseException:
             del self._futures[token]
             raise
         return future
 
-    async def send_then(self, subject: str, body: bytes, then: Then, timeout: float) -> str:
+    def send_then(self, subject: str, body: bytes, then: Then, timeout: float) -> int:
         """Publish without waiting; `then(None)` once the server confirms storing it.
 
         `then(error)` gets what `send`'s future would raise instead (a refusal, a status),
         or `TimeoutError` if no confirmation came within `timeout` (within a quarter of a
-        second more). It is called once, from the read loop as the
-        confirmations arrive: it must be quick (whatever waits goes in a task of its own);
-        what it raises is logged. Returns the token that `forget` takes. Raises what
-        `publish_now` raises, and then `then` is never called. `subject` is not checked:
-        taskframe builds it from checked parts.
+        second more). It is called once, from the read loop as the confirmations arrive:
+        it must be quick (whatever waits goes in a task of its own); what it raises is
+        logged. Returns the token that `forget` takes. Raises what
+        `TolerantClient.publish_now` raises, and then `then` is never called. `subject` is
+        not checked: taskframe builds it from checked parts. The publisher must be `ready`.
         """
-        if not self._prefix:
-            await self._subscribe()
-        token = str(next(self._sequence))
+        token = next(self._sequence)
         self._thens[token] = (then, time.monotonic() + timeout, subject)
         try:
-            publish_now(self._nc, subject, body, self._prefix + token)
+            self._send_now(subject, body, f"{self._prefix}{token}")
         except BaseException:
             self._thens.pop(token, None)
             raise
@@ -174,18 +185,60 @@ class Publisher:
             self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
         return token
 
+    def send_batched(
+        self, subject: str, body: bytes, then: Then, timeout: float, end_subject: str
+    ) -> int:
+        """`send_then`, in a fast-ingest batch (`_batching`) while many confirmations are
+        awaited: the server then confirms many at once. `end_subject` is a subject of the
+        same stream that ends the batch."""
+        batches = self._batches
+        if batches is None or not batches.enabled or len(self._thens) < OVER:
+            return self.send_then(subject, body, then, timeout)
+        token = next(self._sequence)
+        self._thens[token] = (then, time.monotonic() + timeout, subject)
+        try:
+            batches.add(subject, body, token, end_subject)
+        except BaseException:
+            self._thens.pop(token, None)
+            raise
+        if self._lingering is None:
+            loop = asyncio.get_running_loop()
+            self._lingering = loop.call_later(LINGER, self._linger, batches.sent())
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
+        return token
+
+    def _linger(self, sent: int) -> None:
+        """End the open batch if no record joined it since `sent`; look again later if any did."""
+        self._lingering = None
+        if self._batches is None:
+            return
+        now = self._batches.sent()
+        if now == sent or self._batches.stale():  # idle, or a reconnect since it opened
+            self._batches.end()
+        elif now:
+            self._lingering = asyncio.get_running_loop().call_later(LINGER, self._linger, now)
+
+    def _confirm(self, token: int, error: BaseException | None) -> None:
+        then = self._thens.pop(token, None)
+        if then is not None:
+            try:
+                then[0](error)
+            except Exception:
+                log.exception("confirmation callback failed")
+
     async def ask(self, subject: str, headers: dict[str, str], timeout: float) -> Msg:
         """Publish an empty body and return the server's whole answer, for a caller that
         reads more of it than `send` keeps (a counter's value): nats-py's `request` costs a
         random token and a `wait_for` more. Raises nats-py's `TimeoutError` if none comes
         within `timeout`, `NoRespondersError` if no stream listens on `subject`."""
         if not self._prefix:
-            await self._subscribe()
-        token = str(next(self._sequence))
+            await self.subscribe()
+        token = next(self._sequence)
         answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._asks[token] = answer
         try:
-            await self._nc.publish(subject, b"", reply=self._prefix + token, headers=headers)
+            await self._nc.publish(subject, b"", reply=f"{self._prefix}{token}", headers=headers)
             async with asyncio.timeout(timeout):
                 msg = await answer
         except TimeoutError:
@@ -196,7 +249,7 @@ class Publisher:
             raise nats.errors.NoRespondersError
         return msg
 
-    def forget(self, token: str) -> bool:
+    def forget(self, token: int) -> bool:
         """Stop waiting for the confirmation of `send_then`'s `token`; False if it came."""
         return self._thens.pop(token, None) is not None
 
@@ -210,52 +263,58 @@ class Publisher:
         while self._thens:
             await asyncio.sleep(_SWEEP)
             now = time.monotonic()
-            for token in [t for t, (_, deadline, _) in self._thens.items() if deadline <= now]:
+            overdue = [t for t, (_, deadline, _) in self._thens.items() if deadline <= now]
+            if overdue and self._batches is not None:
+                self._batches.end()  # its server may have lost it: later records start anew
+            for token in overdue:
                 waiting = self._thens.pop(token, None)  # a `then` awaited below may answer more
                 if waiting is not None:
                     then, _, subject = waiting
                     _call(then, TimeoutError(f"no confirmation for {subject}"))
 
-    def _on_reply(self, msg: Msg) -> None:
-        """Resolve the future (or call the `then`) that `msg` answers. Never raises: nats-py
-        would only log it, and the future would wait out its timeout."""
-        token = msg.subject[len(self._prefix) :]
+    def _on_reply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        """Resolve the future (or call the `then`) that a reply answers. Never raises:
+        nats-py would only log it, and the future would wait out its timeout."""
+        tail = subject[self._cut :]
+        if not tail.isdigit():
+            if self._batches is not None:
+                self._batches.on_frame(tail, data)
+            return
+        token = int(tail)
+        then = self._thens.pop(token, None)
+        if then is not None:
+            error = None
+            if not data or b'"error"' in data or b'"duplicate"' in data:
+                outcome: Ack | BaseException = _outcome(data, headers, then[2])
+                error = outcome if isinstance(outcome, BaseException) else None
+            _call(then[0], error)
+            return
         asked = self._asks.get(token)
         if asked is not None:
             if not asked.done():
-                asked.set_result(msg)
-            return
-        then = self._thens.pop(token, None)
-        if then is not None:
-            data = msg.data
-            if data and b'"error"' not in data and b'"duplicate"' not in data:
-                outcome: Ack | BaseException = _STORED
-            else:
-                outcome = _outcome(msg, then[2])
-            _call(then[0], outcome if isinstance(outcome, BaseException) else None)
+                name = subject.decode(errors="surrogateescape")
+                asked.set_result(Msg(self._nc, name, "", data, headers))
             return
         waiting = self._futures.pop(token, None)
         if len(self._futures) < self.WINDOW:
             self._room.set()
         if waiting is None or waiting[0].done():
             return
-        future, subject = waiting
-        data = msg.data
+        future, sent_on = waiting
         if data and b'"error"' not in data and b'"duplicate"' not in data:
             future.set_result(_STORED)  # {"stream":...,"seq":...}: all a caller needs
             return
-        outcome = _outcome(msg, subject)
+        outcome = _outcome(data, headers, sent_on)
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
 
 
-def _outcome(msg: Msg, subject: str) -> Ack | BaseException:
+def _outcome(data: bytes, headers: dict[str, str] | None, subject: str) -> Ack | BaseException:
     """What a confirmation that is not a plain `{"stream":...,"seq":...}` says."""
-    data = msg.data
     if not data:  # a status: 503 means no stream listens on the subject
-        status = (msg.headers or {}).get("Status", "")
+        status = (headers or {}).get("Status", "")
         return NoStreamResponseError() if status == "503" else ServiceUnavailableError()
     try:  # rare: parse it (the server writes `"duplicate": true`)
         reply = json.loads(data)
@@ -325,52 +384,6 @@ async def publish_stored(
         f"no confirmation for {subject} after {settings.publish_attempts} attempts; "
         "it may or may not be stored (enqueue again with the same key to be sure)"
     ) from last
-
-
-def unconfirmed(
-    batch: list[Task[Any]], sent: list[int], futures: list[asyncio.Future[Ack]]
-) -> tuple[list[int], set[str], list[tuple[int, PublishError]]]:
-    """Which of `sent` were not confirmed, which queues had no stream, which were refused."""
-    unconfirmed, missing, refused = [], set(), []
-    for index, future in zip(sent, futures, strict=True):
-        if not future.done():
-            future.cancel()
-            unconfirmed.append(index)
-        elif (error := future.exception()) is not None:
-            if isinstance(error, PublishError):
-                refused.append((index, error))
-                continue
-            if isinstance(error, NoStreamResponseError):
-                missing.add(type(batch[index]).__tf_queue__)
-            elif not isinstance(error, TRANSIENT):
-                raise PublishError(f"server refused a task: {error}") from error
-            unconfirmed.append(index)
-    return unconfirmed, missing, refused
-
-
-def refused_batch(
-    refused: list[tuple[int, PublishError]],
-    unconfirmed: list[int],
-    prepared: list[tuple[str, bytes, dict[str, str], str]],
-) -> PublishError:
-    """The error of a batch some of whose tasks the server refused: the first refusal's kind.
-
-    It names the refused tasks and, apart, those not confirmed either way; every other task
-    of the batch is stored.
-    """
-    ids = tuple(prepared[i][3] for i, _ in refused)
-    first = refused[0][1]
-    if isinstance(first, StoreFullError) and all(isinstance(e, StoreFullError) for _, e in refused):
-        error: PublishError = first.for_tasks(ids)
-    else:
-        error = PublishError(f"{len(ids)} task(s) refused, ids {list(ids[:10])}: {first}")
-    if unconfirmed:
-        error.add_note(
-            f"{len(unconfirmed)} more not confirmed (may or may not be stored): ids "
-            f"{[prepared[i][3] for i in unconfirmed[:10]]}"
-        )
-    error.__cause__ = first
-    return error
 
 
 def unavailable(exc: PublishError) -> bool:

@@ -12,6 +12,7 @@ or run twice for it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -99,6 +100,9 @@ async def serve(worker: Worker, supervisor: Supervisor, max_memory_mb: int | Non
 
     def announce(ready: asyncio.Task[object]) -> None:
         if not ready.cancelled():  # cancelled: the worker stopped before it was ready
+            # What the process made so far (modules, the app, its models' schemas) lives as
+            # long as it: the cyclic collector need not look through it again.
+            gc.freeze()
             supervisor.ready()
 
     ready = asyncio.create_task(worker.ready.wait())

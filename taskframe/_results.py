@@ -104,6 +104,7 @@ def status_record(
     *,
     result_json: bytes | None = None,
     error: ErrorInfo | None = None,
+    plain: bool = False,
 ) -> bytes:
     """A status record as stored, with an already-encoded result spliced in without re-parsing.
 
@@ -111,9 +112,10 @@ def status_record(
     updated_at, error, then result. Without an error, and with an id and a name that JSON
     writes as they are (always, once `_inbound` checked them), the record is filled into a
     template: the same bytes as `json.dumps` would give, at a fraction of its cost (one is
-    written for every task that keeps its result).
+    written for every task that keeps its result). `plain`: the id and the name are known
+    to be such (a worker checked them on arrival, `_inbound`).
     """
-    if error is None and _plain(task_id) and _plain(task):
+    if error is None and (plain or (_plain(task_id) and _plain(task))):
         head = (
             f'{{"id":"{task_id}","task":"{task}","state":"{_STATES[state]}","attempt":{attempt:d},'
             f'"updated_at":"{_now()}","error":null'

@@ -152,6 +152,7 @@ def results_config(settings: Settings) -> js_api.StreamConfig:
         allow_rollup_hdrs=True,
         deny_delete=True,
         allow_direct=True,
+        allow_batched=True,  # a worker's records go in fast-ingest batches (_batching.py)
         duplicate_window=min(120.0, settings.result_ttl),
         metadata={META_NAMESPACE: settings.namespace, META_KIND: "results"},
     )

@@ -62,7 +62,7 @@ class Watchdog:
             del self._deadlines[runner]
             if self._runners.get(task_id) is runner:
                 del self._runners[task_id]
-            requested = self._stopped.pop(runner, None)
+            requested = self._stopped.pop(runner, None) if self._stopped else None
             if requested is not None:
                 runner.uncancel()
         if requested:

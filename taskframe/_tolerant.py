@@ -36,12 +36,18 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionDrainingError, MaxPayloadError
 from nats.protocol import parser
-from nats.protocol.command import pub_cmd
 
-__all__ = ["TolerantClient", "listen", "publish_now"]
+__all__ = ["TolerantClient", "listen", "listen_raw", "sender"]
 
 Listener = Callable[[Msg], None]
 """A plain function given each message of a `listen` subscription, in the read loop."""
+
+RawListener = Callable[[bytes, bytes, dict[str, str] | None], None]
+"""A plain function given the subject, body and headers of each message of a `listen_raw`
+subscription, in the read loop: no `Msg` is built (for replies read once and dropped)."""
+
+_CONNECTED = NATS.CONNECTED
+_PLAIN = b"NATS/1.0\r\n"  # a header block without a status line: the common case
 
 log = logging.getLogger("taskframe._tolerant")
 
@@ -78,7 +84,8 @@ class _Parser(parser.Parser):
         The server writes single spaces between the arguments: a line split otherwise
         (a tab) is left to `_parse`'s patterns.
         """
-        process = self.nc._process_msg
+        nc = self.nc
+        process, hand = nc._process_msg, nc._hand
         while True:
             if buf.startswith(b"HMSG "):
                 end = buf.find(b"\r\n")
@@ -109,7 +116,9 @@ class _Parser(parser.Parser):
             headers = bytes(buf[start : start + split]) if split else None
             payload = bytes(buf[start + split : start + total])
             del buf[: start + total + 2]
-            await process(int(sid), subject, reply, payload, headers)
+            number = int(sid)
+            if not hand(number, subject, reply, payload, headers):
+                await process(number, subject, reply, payload, headers)
 
 
 class TolerantClient(NATS):
@@ -119,6 +128,7 @@ class TolerantClient(NATS):
         super().__init__()
         self._ps = _Parser(self)
         self._listeners: dict[int, Listener] = {}
+        self._raw: dict[int, RawListener] = {}
 
     async def listen(self, subject: str, listener: Listener) -> Subscription:
         """Subscribe `listener`, called in the read loop with each message as it is read:
@@ -126,6 +136,12 @@ class TolerantClient(NATS):
         raises is logged and the message dropped."""
         sub = await self.subscribe(subject, pending_msgs_limit=-1)
         self._listeners[sub._id] = listener
+        return sub
+
+    async def listen_raw(self, subject: str, listener: RawListener) -> Subscription:
+        """`listen`, but `listener` gets the message's subject, body and headers."""
+        sub = await self.subscribe(subject, pending_msgs_limit=-1)
+        self._raw[sub._id] = listener
         return sub
 
     async def _connect_to_server(self, s: Srv) -> None:
@@ -138,6 +154,7 @@ class TolerantClient(NATS):
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._listeners.pop(sid, None)
+        self._raw.pop(sid, None)
         super()._remove_sub(sid, max_msgs)
 
     def publish_now(self, subject: str, payload: bytes = b"", reply: str = "") -> None:
@@ -147,19 +164,24 @@ class TolerantClient(NATS):
         Subjects are not checked: only for subjects the server gave (a message's reply
         subject) or that taskframe built from checked parts.
         """
-        if self.is_closed:
-            raise ConnectionClosedError
-        if self.is_draining_pubs:
-            raise ConnectionDrainingError
-        if len(payload) > self._max_payload:
+        status = self._status
+        if status != _CONNECTED:
+            if status == NATS.CLOSED:
+                raise ConnectionClosedError
+            if status == NATS.DRAINING_PUBS:
+                raise ConnectionDrainingError
+        size = len(payload)
+        if size > self._max_payload:
             raise MaxPayloadError
-        command = pub_cmd(subject, reply, payload)
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += len(payload)
+        command = f"PUB {subject} {reply} {size}\r\n".encode() + payload + b"\r\n"
+        stats = self.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += size
         self._pending.append(command)
         self._pending_data_size += len(command)
         flushes = self._flush_queue
-        if flushes is not None and flushes.empty() and self.is_connected:
+        # As `publish`: while reconnecting, the buffer is kept and sent once connected.
+        if flushes is not None and (status == _CONNECTED or self.is_connected) and flushes.empty():
             flushes.put_nowait(asyncio.get_running_loop().create_future())
 
     def _build_message(
@@ -171,13 +193,16 @@ class TolerantClient(NATS):
         headers: dict[str, str] | None,
     ) -> Msg:
         # As nats-py's, but a subject that is not UTF-8 is kept (surrogate-escaped), not fatal.
+        # Arguments by position: a dataclass takes them at half the cost of keywords.
         return self.msg_class(
-            subject=subject.decode(errors="surrogateescape"),
-            reply=reply.decode(errors="surrogateescape"),
-            data=data,
-            headers=headers,
-            _client=self,
-            _sid=sid,
+            self,
+            subject.decode("utf-8", "surrogateescape"),
+            reply.decode("utf-8", "surrogateescape"),
+            data,
+            headers,
+            None,  # _metadata
+            False,  # _ackd
+            sid,
         )
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
@@ -189,27 +214,63 @@ class TolerantClient(NATS):
             # Its line parser skips names that are not ASCII and decodes values leniently.
             return self._parse_header_lines(lines) or None
 
+    def _hand(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> bool:
+        """Give a message to its `listen`er or `listen_raw`er, in the read loop, unless its
+        header block has a status line; False if it was not given (`_process_msg` then)."""
+        raw = self._raw.get(sid)
+        listener = self._listeners.get(sid) if raw is None else None
+        if (raw is None and listener is None) or (headers and not headers.startswith(_PLAIN)):
+            return False
+        try:
+            fields = _fields(headers[10:]) if headers else None
+            self._give(sid, subject, reply, data, fields, raw, listener)
+        except Exception:
+            _dropped(subject)
+        return True
+
+    def _give(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        fields: dict[str, str] | None,
+        raw: RawListener | None,
+        listener: Listener | None,
+    ) -> None:
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        if raw is not None:
+            raw(subject, data, fields)
+        elif listener is not None:
+            listener(self._build_message(sid, subject, reply, data, fields))
+
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
         try:
             listener = self._listeners.get(sid)
-            if listener is None:
+            raw = self._raw.get(sid)
+            if listener is None and raw is None:
                 await super()._process_msg(sid, subject, reply, data, headers)
                 return
-            self.stats["in_msgs"] += 1
-            self.stats["in_bytes"] += len(data)
             if not headers:
                 fields = None
-            elif headers.startswith(b"NATS/1.0\r\n"):  # no status line: the common case
+            elif headers.startswith(_PLAIN):
                 fields = _fields(headers[10:])
-            else:
+            else:  # a status line (a pull request's end, no responders): nats-py reads it
                 fields = await self._process_headers(headers)
-            listener(self._build_message(sid, subject, reply, data, fields))
+            self._give(sid, subject, reply, data, fields, raw, listener)
         except Exception:
-            # Last resort, for what the cases above do not foresee: one message is dropped
-            # (a JetStream delivery comes back after ack_wait), not the whole connection.
-            log.exception("message on %r dropped: nats-py could not read it", subject[:200])
+            _dropped(subject)
+
+
+def _dropped(subject: bytes) -> None:
+    # Last resort, for what the cases above do not foresee: one message is dropped (a
+    # JetStream delivery comes back after ack_wait), not the whole connection.
+    log.exception("message on %r dropped: nats-py could not read it", subject[:200])
 
 
 _NAMES_KEPT = 256
@@ -221,6 +282,8 @@ def _fields(block: bytes) -> dict[str, str] | None:
     """nats-py's `_parse_header_lines` of a header block (None if empty): the same
     result, for less (each name read once)."""
     fields = {}
+    if block.endswith(b"\r\n\r\n"):  # as the server writes it: the empty lines give nothing
+        block = block[:-4]
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon:
@@ -257,14 +320,31 @@ async def listen(nc: NATS, subject: str, listener: Listener) -> Subscription:
     return await nc.subscribe(subject, cb=call, pending_msgs_limit=-1)
 
 
+async def listen_raw(nc: NATS, subject: str, listener: RawListener) -> Subscription:
+    """`TolerantClient.listen_raw` on a TolerantClient; an ordinary subscription otherwise."""
+    if isinstance(nc, TolerantClient):
+        return await nc.listen_raw(subject, listener)
+
+    async def call(msg: Msg) -> None:
+        listener(msg.subject.encode(errors="surrogateescape"), msg.data, msg.headers)
+
+    return await nc.subscribe(subject, cb=call, pending_msgs_limit=-1)
+
+
+Sender = Callable[[str, bytes, str], None]
+"""`publish_now` bound to a connection: subject, payload, reply."""
+
 _sending: set[asyncio.Task[None]] = set()
 
 
-def publish_now(nc: NATS, subject: str, payload: bytes = b"", reply: str = "") -> None:
-    """`TolerantClient.publish_now` on a TolerantClient; a publish in a task otherwise."""
+def sender(nc: NATS) -> Sender:
+    """`nc.publish_now` on a TolerantClient; a publish in a task otherwise."""
     if isinstance(nc, TolerantClient):
-        nc.publish_now(subject, payload, reply)
-        return
-    task = asyncio.get_running_loop().create_task(nc.publish(subject, payload, reply=reply))
-    _sending.add(task)
-    task.add_done_callback(_sending.discard)
+        return nc.publish_now
+
+    def publish(subject: str, payload: bytes = b"", reply: str = "") -> None:
+        task = asyncio.get_running_loop().create_task(nc.publish(subject, payload, reply=reply))
+        _sending.add(task)
+        task.add_done_callback(_sending.discard)
+
+    return publish

@@ -139,9 +139,16 @@ def stored_at(reply: str) -> float:
 
 def delivery_key(reply: str) -> str:
     """`<stream>.<consumer>.<stream sequence>` from an ack subject: one message, any delivery."""
+    return delivered(reply)[0]
+
+
+def delivered(reply: str) -> tuple[str, int, int]:
+    """(`delivery_key`, delivery count, stream sequence) of an ack subject, read at once."""
     tokens = reply.split(".")
     offset = 2 if len(tokens) >= 11 else 0
-    return f"{tokens[2 + offset]}.{tokens[3 + offset]}.{tokens[5 + offset]}"
+    sequence = tokens[5 + offset]
+    key = f"{tokens[2 + offset]}.{tokens[3 + offset]}.{sequence}"
+    return key, int(tokens[4 + offset]), int(sequence)
 
 
 def encode(model: BaseModel) -> bytes:

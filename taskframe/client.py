@@ -28,10 +28,11 @@ from taskframe._cancels import request_cancel
 from taskframe._connection import open_connection
 from taskframe._deadletters import DeadLetter
 from taskframe._enqueue import provisioned, store_task
+from taskframe._enqueue_batch import refused_batch, unconfirmed
 from taskframe._flow_enqueue import enqueue_flow
 from taskframe._message import task_message
 from taskframe._payloads import delete, encode
-from taskframe._publish import publish_stored, publisher, refused_batch, unconfirmed
+from taskframe._publish import publish_stored, publisher
 from taskframe._queues import QueueInfo, queue_infos
 from taskframe._registry import WorkerInfo, worker_infos
 from taskframe._results import Progress, TaskStatus, read_progress, read_status

@@ -40,7 +40,6 @@ class Context:
 
     def __init__(
         self,
-        *,
         task_id: str,
         task: str,
         queue: str,

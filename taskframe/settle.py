@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -40,19 +39,18 @@ from taskframe._leases import Lease, Leases
 from taskframe._progress import write_status
 from taskframe._publish import (
     Ack,
+    Publisher,
     publish_stored,
     publisher,
     store_in_freed_room,
-    unavailable,
 )
 from taskframe._pull import Route
 from taskframe._results import ErrorInfo, TaskState, status_record
-from taskframe._retry import RECORD_RETRY, UNTIL_AVAILABLE
+from taskframe._retry import UNTIL_AVAILABLE
 from taskframe._stats import WorkerStats
-from taskframe._tolerant import publish_now
+from taskframe._tolerant import sender
 from taskframe.errors import (
     AttemptTimeoutError,
-    PublishError,
     Retry,
     StoreFullError,
     TaskframeError,
@@ -90,17 +88,23 @@ class Settler:
         settled: asyncio.Event,
     ) -> None:
         self._client = client
+        self._send_now = sender(client.nc)
         self._settings = client.settings
         self._ns = client.namespace
         self._leases = leases
         self._stats = stats
-        self._stopping = stopping
+        self.stopping = stopping
+        """Set when the worker stops: whatever waits hands its message back."""
+        self.ack_wait = leases.ack_wait
         self._settled = settled
         self._confirmations: set[Confirmation] = set()
         self._deleting: set[asyncio.Task[None]] = set()
         self._none_confirming = asyncio.Event()
         self._none_confirming.set()
         self._pipelining = True
+        self._publisher: Publisher | None = None  # the connection's, once `succeeded` ran
+        self._results = topology.result_subject(self._ns, "")
+        self._batch_end = f"{self._results}_batch"  # the end marker stores nothing
         self.flows = FlowSteps(client)
 
     async def settle(
@@ -130,23 +134,54 @@ class Settler:
             self._deleting.add(deleting)
             deleting.add_done_callback(self._deleting.discard)
         else:
-            publish_now(self._client.nc, msg.reply)  # an empty body is an ack
+            self._send_now(msg.reply, b"", "")  # an empty body is an ack
         msg._ackd = True
-        return self._settled_now(lease)
+        lease.settled = True
+        self._settled.set()
+        return True
 
     def _settled_now(self, lease: Lease) -> bool:
         lease.settled = True
         self._settled.set()
         return True
 
+    def sent(self, lease: Lease, task_id: str, record: bytes, *, skipped: bool = False) -> bool:
+        """Send the task's final status `record`; its ack follows once the server confirms
+        storing it (see `Confirmation`), and the caller need not wait: the lease is then
+        `confirming`, and released with the ack. False if it was not sent (the worker is
+        stopping, or the connection cannot take it now): `succeeded` then stores it."""
+        pub = self._publisher
+        if not self._pipelining or pub is None or not pub.ready:
+            return False
+        step = self.flows.step_of(lease.msg.headers, task_id)  # a flow's: its join, then its ack
+        confirmation = Confirmation(self, lease, task_id, record, skipped, step)
+        lease.confirming = True
+        credit = lease.credit
+        if credit is not None:
+            credit.awaiting()
+        subject = f"{self._results}{task_id}"
+        try:
+            confirmation.token = pub.send_batched(
+                subject, record, confirmation, self._settings.publish_timeout, self._batch_end
+            )
+        except Exception as exc:  # not sent (disconnected, buffer full): the awaited path
+            log.debug("record of %s not sent (%r)", task_id, exc)
+            lease.confirming = False
+            if credit is not None:
+                credit.awaiting(-1)
+            return False
+        confirmations = self._confirmations
+        if not confirmations:
+            self._none_confirming.clear()
+        confirmations.add(confirmation)
+        self._stats.confirming += 1
+        return True
+
     async def succeeded(
         self, lease: Lease, task_id: str, record: bytes | None, *, skipped: bool = False
     ) -> Outcome:
-        """Store the task's final status `record` (if any), then ack it.
-
-        The ack waits for the server to confirm storing the record; the caller does not
-        (see `Confirmation`): the lease is then `confirming`, and released with the ack.
-        Without a record, or when the record cannot even be sent, all is done here.
+        """Store the task's final status `record` (if any), then ack it: pipelined as `sent`
+        says where it can be, else awaited here.
 
         In a full store only acks make room (a queue's stream deletes what is acked), so a
         worker that waited for room before acking would hold its tasks forever. A record
@@ -154,89 +189,24 @@ class Settler:
         applies an ack a moment after it arrives: a few quick tries), or dropped with a
         warning if none comes: the task ran, but its result is not kept.
         """
-        step = self.flows.step_of(lease.msg.headers, task_id)  # a flow's: its join before its ack
         if record is not None and self._pipelining:
-            confirmation = Confirmation(self, lease, task_id, record, skipped, step)
-            if await self._send(confirmation):
+            if self._publisher is None:
+                self._publisher = publisher(self._client.nc)
+            if not self._publisher.ready:
+                await self._publisher.subscribe()
+            if self.sent(lease, task_id, record, skipped=skipped):
                 return "succeeded"
+        step = self.flows.step_of(lease.msg.headers, task_id)
         if await self._store_and_ack(lease, task_id, record, step=step):
-            self._count(skipped)
+            self.count(skipped)
             return "succeeded"
         return "lost"
 
-    def _count(self, skipped: bool) -> None:
+    def count(self, skipped: bool) -> None:
         self._stats.skipped += skipped
         self._stats.succeeded += not skipped
 
-    async def _send(self, confirmation: Confirmation) -> bool:
-        """Send a record whose ack waits for its confirmation; False if it could not be sent."""
-        lease = confirmation.lease
-        lease.confirming = True
-        if lease.credit is not None:
-            lease.credit.awaiting()
-        self._confirmations.add(confirmation)
-        self._stats.confirming += 1
-        self._none_confirming.clear()
-        subject = topology.result_subject(self._ns, confirmation.task_id)
-        try:
-            confirmation.token = await publisher(self._client.nc).send_then(
-                subject, confirmation.record, confirmation, self._settings.publish_timeout
-            )
-        except BaseException as exc:  # not sent (disconnected, buffer full): the awaited path
-            log.debug("record of %s not sent (%r)", confirmation.task_id, exc)
-            self._confirmations.discard(confirmation)
-            self._stats.confirming -= 1
-            lease.confirming = False
-            if lease.credit is not None:
-                lease.credit.awaiting(-1)
-            if not self._confirmations:
-                self._none_confirming.set()
-            if not isinstance(exc, Exception):
-                raise  # cancelled
-            return False
-        return True
-
-    async def _confirm_slowly(self, confirmation: Confirmation, tried: int) -> None:
-        """The awaited path for a record refused or not confirmed in time: `publish_stored`
-        (which retries what went unanswered, `tried` times already), then the ack; acks
-        first in a full store.
-
-        A record the broker cannot store now (its stream has no leader: a cluster electing
-        one, or short of its quorum) is tried again for as long as the lease holds, since
-        the keeper renews it: the work is done, and leaving the message to redelivery would
-        run the handler again and spend an attempt each ack_wait, until a task that
-        succeeded every time was buried as lost.
-        """
-        lease, task_id, record = confirmation.lease, confirmation.task_id, confirmation.record
-        try:
-            for waited in itertools.count(1):
-                try:
-                    if await self._store_and_ack(lease, task_id, record, tried, confirmation.step):
-                        self._count(confirmation.skipped)
-                    return
-                except PublishError as exc:
-                    if not unavailable(exc) or not await self._held_while_away(lease, waited, exc):
-                        raise
-                    tried = 0
-        except Exception:
-            log.exception("message on %s not settled; it will be redelivered", lease.msg.subject)
-        finally:
-            self._done(confirmation)
-
-    async def _held_while_away(self, lease: Lease, waited: int, exc: Exception) -> bool:
-        """Wait to store a record again; False if the lease ran out or the worker stops."""
-        delay = min(self._leases.ack_wait / 3, RECORD_RETRY.delay(waited))
-        log.warning(
-            "status record of %s not stored (%s); trying again in %.1fs, holding the task",
-            lease.msg.subject,
-            exc,
-            delay,
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
-        return not self._stopping.is_set() and lease.valid()
-
-    def _done(self, confirmation: Confirmation) -> None:
+    def done(self, confirmation: Confirmation) -> None:
         """The confirmation's message is settled, or given up: release it."""
         if confirmation not in self._confirmations:
             return
@@ -271,7 +241,7 @@ class Settler:
                 with contextlib.suppress(Exception):  # cut off: redelivered after ack_wait
                     if await self.settle(lease, "nak"):
                         handed += 1
-            self._done(confirmation)
+            self.done(confirmation)
         return handed
 
     async def _store_and_ack(
@@ -304,11 +274,11 @@ class Settler:
         try:
             lease, task_id, step = confirmation.lease, confirmation.task_id, confirmation.step
             if await self._store_and_ack(lease, task_id, None, step=step):
-                self._count(confirmation.skipped)
+                self.count(confirmation.skipped)
         except Exception:  # the broker is away: the step is redelivered, and joins again
             log.exception("flow step %s not settled; it will be redelivered", task_id)
         finally:
-            self._done(confirmation)
+            self.done(confirmation)
 
     async def failed(
         self,
@@ -438,8 +408,8 @@ class Settler:
                 await self.settle(lease, "nak", 5.0)
                 return None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), UNTIL_AVAILABLE.delay(waited))
-            if self._stopping.is_set():
+                await asyncio.wait_for(self.stopping.wait(), UNTIL_AVAILABLE.delay(waited))
+            if self.stopping.is_set():
                 await self.settle(lease, "nak")
                 return None
             if not self._leases.still_ours(lease):

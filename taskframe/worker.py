@@ -274,6 +274,7 @@ class Worker:
         await write_status(self.client.nc, self.client.namespace, task_id, record)
 
     async def _runner(self, pool: Pool, attempts: Attempts) -> None:
+        stats = self.stats
         while True:
             lease, route = await pool.buffer.get()
             try:
@@ -282,12 +283,19 @@ class Worker:
                 if self._stop.is_set():
                     await self._settler.settle(lease, "nak")
                     continue
-                self._started()
+                stats.running += 1
+                stats.started += 1
+                if stats.running == 1:
+                    self._idle.clear()
+                if stats.started == self.max_tasks:
+                    self.stop()
                 self._leases.start(lease)
                 try:
                     await attempts.process(pool, route, lease)
                 finally:
-                    self._finished()
+                    stats.running -= 1
+                    if not stats.running:
+                        self._idle.set()
             except Exception:
                 # Storing a result or a dead letter failed even after retries: the broker is
                 # away. Leave the task to come back after ack_wait rather than stop the worker.
@@ -296,18 +304,6 @@ class Worker:
             finally:
                 if not lease.confirming:  # else released once its record is confirmed
                     self._leases.release(lease)  # and its credit returned
-
-    def _started(self) -> None:
-        self.stats.running += 1
-        self.stats.started += 1
-        self._idle.clear()
-        if self.stats.started == self.max_tasks:
-            self.stop()
-
-    def _finished(self) -> None:
-        self.stats.running -= 1
-        if self.stats.running == 0:
-            self._idle.set()
 
     async def _drain(self) -> None:
         log.info(

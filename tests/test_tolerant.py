@@ -38,6 +38,9 @@ class Recorder:
     def __init__(self) -> None:
         self.seen: list[tuple[Any, ...]] = []
 
+    def _hand(self, *args: Any) -> bool:
+        return False  # nothing listened to: every message goes to `_process_msg`
+
     async def _process_msg(self, *args: Any) -> None:
         self.seen.append(("msg", *args))
 
@@ -127,6 +130,29 @@ async def test_listen_and_publish_now_carry_messages_in_order_and_stop_at_unsubs
     nc.publish_now("tolerant.x", b"late")
     await nc.flush()
     assert len(got) == 101
+
+
+async def test_listen_raw_gets_subject_body_and_headers_status_lines_included(
+    client: Client,
+) -> None:
+    nc = client.nc
+    assert isinstance(nc, TolerantClient)
+    got: list[tuple[bytes, bytes, dict[str, str] | None]] = []
+    sub = await nc.listen_raw("tolerant.raw.*", lambda *message: got.append(message))
+    nc.publish_now("tolerant.raw.1", b"plain")
+    await nc.publish("tolerant.raw.2", b"h", headers={"Tf-Id": "a.b"})
+    nc.publish_now("tolerant.nobody.listens", b"", reply="tolerant.raw.3")  # the server: 503
+    await eventually(lambda: len(got) == 3, "3 messages listened to")
+    assert got[:2] == [
+        (b"tolerant.raw.1", b"plain", None),
+        (b"tolerant.raw.2", b"h", {"Tf-Id": "a.b"}),
+    ]
+    subject, body, headers = got[2]
+    assert (subject, body, (headers or {}).get("Status")) == (b"tolerant.raw.3", b"", "503")
+    await sub.unsubscribe()
+    nc.publish_now("tolerant.raw.4", b"late")
+    await nc.flush()
+    assert len(got) == 3
 
 
 async def test_publish_now_on_a_closed_connection_raises(nats_server: NatsServer) -> None:
