@@ -302,9 +302,8 @@ class Attempts:
             return "lost"
         if not self._leases.still_ours(lease):  # another worker owns the task: its record wins
             return "lost"
-        if record is not None and settler.sent(lease, task_id, record):
-            return "succeeded"  # acked once the server confirms the record
-        return await settler.succeeded(lease, task_id, record)
+        done = settler.at_once(lease, task_id, record)  # most tasks: nothing to await
+        return done if done is not None else await settler.succeeded(lease, task_id, record)
 
     async def _raised(
         self,

@@ -177,6 +177,19 @@ class Settler:
         self._stats.confirming += 1
         return True
 
+    def at_once(self, lease: Lease, task_id: str, record: bytes | None) -> Outcome | None:
+        """Settle a task that succeeded without waiting: its record sent (acked once
+        confirmed: `sent`), or, keeping none, acked now. None if it must be awaited
+        (`succeeded`): the record could not be sent, or the task is a flow's step."""
+        if record is not None:
+            return "succeeded" if self.sent(lease, task_id, record) else None
+        if self.flows.step_of(lease.msg.headers, task_id) is not None:
+            return None  # its join comes before its ack
+        if not self.ack_now(lease):
+            return "lost"
+        self._stats.succeeded += 1
+        return "succeeded"
+
     async def succeeded(
         self, lease: Lease, task_id: str, record: bytes | None, *, skipped: bool = False
     ) -> Outcome:
