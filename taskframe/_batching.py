@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ LINGER = 0.002
 confirms its last records (it confirms only every few otherwise)."""
 _DISABLED = 10205  # "batch publish is disabled": the stream has no allow_batched
 _UNKNOWN = 10208  # "batch publish ID unknown": the server ended or never began it
+_BUSY = 10211  # "batch publish too many inflight": the server holds 1,000 open batches
+PAUSE = 1.0
+"""Seconds a connection sends its records one by one after the server refused a batch for
+having too many open (other workers' batches end within moments)."""
 _KEPT = 16  # batches ended but not yet answered, kept to read their last frames
 
 Confirm = Callable[[int, BaseException | None], None]
@@ -79,7 +84,9 @@ class Batches:
         self._open: _Batch | None = None
         self._answering: OrderedDict[str, _Batch] = OrderedDict()
         self.enabled = True
-        """False once the server said batches are disabled: records go one by one."""
+        """False once the server said batches are disabled, or while it has too many open
+        (`resumed`): records go one by one."""
+        self._resume_at = 0.0
 
     def add(self, subject: str, body: bytes, token: int, end_subject: str) -> None:
         """Publish a record in the open batch (opened if none is), ended later with a
@@ -122,6 +129,13 @@ class Batches:
             self._send(batch.end_subject, b"", reply)
         except Exception as exc:  # cut off: its records time out and are stored one by one
             log.debug("end of batch %s not sent: %r", batch.id, exc)
+
+    def resumed(self) -> bool:
+        """Whether batches may be used again: the pause after a refusal for too many open
+        batches is over (never after the stream said batches are disabled)."""
+        if self._resume_at and time.monotonic() >= self._resume_at:
+            self.enabled, self._resume_at = True, 0.0
+        return self.enabled
 
     def sent(self) -> int:
         """Records sent in the open batch (0 if none is open)."""
@@ -172,7 +186,10 @@ class Batches:
                 "asked for allow_batched): each record is confirmed alone"
             )
             self.enabled = False
-        if code in (_DISABLED, _UNKNOWN):
+        elif code == _BUSY and self.enabled:
+            log.info("the server has too many batches open: records go one by one for %gs", PAUSE)
+            self.enabled, self._resume_at = False, time.monotonic() + PAUSE
+        if code in (_DISABLED, _UNKNOWN, _BUSY):
             self._close(batch, end=False)  # nothing to end on the server
             self._fail(batch, 0, failure)
             self._answering.pop(batch.id, None)

@@ -192,7 +192,7 @@ class Publisher:
         awaited: the server then confirms many at once. `end_subject` is a subject of the
         same stream that ends the batch."""
         batches = self._batches
-        if batches is None or not batches.enabled or len(self._thens) < OVER:
+        if batches is None or len(self._thens) < OVER or not batches.resumed():
             return self.send_then(subject, body, then, timeout)
         token = next(self._sequence)
         self._thens[token] = (then, time.monotonic() + timeout, subject)

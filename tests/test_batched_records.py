@@ -8,9 +8,10 @@ import logging
 from collections.abc import Callable
 
 import pytest
+from nats.aio.msg import Msg
 
 import taskframe._publish
-from taskframe import App, Client, Context, Task, Worker, connect
+from taskframe import App, Client, Context, Task, Worker, connect, provision
 from taskframe import _stream_configs as configs
 from taskframe import _topology as topology
 from taskframe._publish import publisher
@@ -128,3 +129,34 @@ async def test_a_record_refused_in_a_batch_loses_no_other(
         assert await client.handle(Echo, ids[index]).result(timeout=1) == texts[index]
     status = await client.status(ids[700])
     assert status is None or status.state != "succeeded"
+
+
+async def test_a_server_with_no_room_for_another_batch_gets_the_records_one_by_one(
+    client: Client, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = echo_app(client.namespace)
+    await provision(app, client)
+    # 1,000 batches opened on the results stream by someone else (the server's limit):
+    # each stays open until it has been idle for 10 s.
+    results = topology.result_subject(client.namespace, "")
+    inbox = client.nc.new_inbox()
+    opened: list[bytes] = []
+
+    async def heard(msg: Msg) -> None:
+        opened.append(msg.data)
+
+    sub = await client.nc.subscribe(f"{inbox}.>", cb=heard)
+    for n in range(1000):
+        reply = f"{inbox}.fill{n}.10.fail.1.0.$FI"
+        await client.nc.publish(f"{results}fill{n}", b"{}", reply=reply)
+    await eventually(lambda: len(opened) >= 1000, "1,000 batches opened")
+    assert not [data for data in opened if b'"error"' in data]
+    texts = [f"t{i}" for i in range(600)]
+    with caplog.at_level(logging.INFO, logger="taskframe._publish"):
+        ids, acks, replies = await drain(client, nats_server, app, texts)
+    await sub.unsubscribe()
+    assert sorted(s.stream_seq for s in acks.seen()) == list(range(1, 601))
+    assert {s.delivered for s in acks.seen()} == {1}
+    assert await client.handle(Echo, ids[-1]).result(timeout=1) == texts[-1]
+    assert any(b'"err_code":10211' in said for said in replies.said)
+    assert [r for r in caplog.records if "too many batches open" in r.getMessage()]
