@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
@@ -53,15 +54,15 @@ class Replies:
 
 
 async def drain(
-    client: Client, nats_server: NatsServer, app: App, texts: list[str]
+    client: Client, url: str, app: App, texts: list[str], **settings: Any
 ) -> tuple[list[str], AckTap, Replies]:
-    """Enqueue one task per text, run a worker (on its own connection) until those that
-    can succeed did, and return the ids (in order), what was acked and what its
-    publisher heard."""
+    """Enqueue one task per text, run a worker (on its own connection to `url`, with
+    `settings`) until those that can succeed did, and return the ids (in order), what was
+    acked and what its publisher heard."""
     stream = topology.queue_stream(client.namespace, "echo")
     runs = await client.enqueue_many([Echo(text=text) for text in texts])
     async with (
-        connect(nats_server.url, namespace=client.namespace) as own,
+        connect(url, namespace=client.namespace, **settings) as own,
         AckTap(client, stream) as acks,
     ):
         replies = Replies(own)
@@ -80,7 +81,7 @@ async def test_a_busy_worker_gets_its_records_confirmed_many_at_once(
 ) -> None:
     app = echo_app(client.namespace)
     texts = [f"t{i}" for i in range(1500)]
-    ids, acks, replies = await drain(client, nats_server, app, texts)
+    ids, acks, replies = await drain(client, nats_server.url, app, texts)
     # Every task acked once, after its first and only delivery, and its record stored.
     assert sorted(s.stream_seq for s in acks.seen()) == list(range(1, 1501))
     assert {s.delivered for s in acks.seen()} == {1}
@@ -100,7 +101,7 @@ async def test_a_results_stream_made_without_batches_confirms_each_record(
     await client.js.add_stream(old)  # as a taskframe before batches made it
     texts = [f"t{i}" for i in range(600)]
     with caplog.at_level(logging.INFO, logger="taskframe._publish"):
-        ids, acks, replies = await drain(client, nats_server, app, texts)
+        ids, acks, replies = await drain(client, nats_server.url, app, texts)
     assert sorted(s.stream_seq for s in acks.seen()) == list(range(1, 601))
     assert {s.delivered for s in acks.seen()} == {1}
     assert await client.handle(Echo, ids[-1]).result(timeout=1) == texts[-1]
@@ -117,7 +118,7 @@ async def test_a_record_refused_in_a_batch_loses_no_other(
     small = dataclasses.replace(configs.results_config(client.settings), max_msg_size=400)
     await client.js.add_stream(small)  # a record over 400 bytes is refused
     texts = [("x" * 600 if i in (700, 900) else f"t{i}") for i in range(1200)]
-    ids, acks, replies = await drain(client, nats_server, app, texts)
+    ids, acks, replies = await drain(client, nats_server.url, app, texts)
     # The two refused records' tasks are not acked; each other task is, once, on its
     # first delivery, with its record stored, though its batch ended at the refusal.
     acked = [s.stream_seq for s in acks.seen(kinds=("+ACK",))]
@@ -153,7 +154,7 @@ async def test_a_server_with_no_room_for_another_batch_gets_the_records_one_by_o
     assert not [data for data in opened if b'"error"' in data]
     texts = [f"t{i}" for i in range(600)]
     with caplog.at_level(logging.INFO, logger="taskframe._publish"):
-        ids, acks, replies = await drain(client, nats_server, app, texts)
+        ids, acks, replies = await drain(client, nats_server.url, app, texts)
     await sub.unsubscribe()
     assert sorted(s.stream_seq for s in acks.seen()) == list(range(1, 601))
     assert {s.delivered for s in acks.seen()} == {1}

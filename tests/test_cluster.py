@@ -30,6 +30,7 @@ from taskframe.testing import eventually
 from tests.fault_apps import Work, build_app
 from tests.faultkit import APP, CONSOLE_SCRIPT, TASKFRAME, Proc, Procs
 from tests.ledger import RECORDED, Figures
+from tests.test_batched_records import Echo, drain, echo_app
 
 REPO = Path(__file__).resolve().parent.parent
 ACK_WAIT = 2.0
@@ -258,6 +259,22 @@ async def test_r3_is_a_setting_not_a_code_path(cluster: NatsCluster, namespace: 
         await provision(build_app(namespace + "x", None), tf)
         info = await tf.js.stream_info(topology.queue_stream(namespace + "x", "work"))
         assert info.config.num_replicas == 1
+
+
+async def test_a_workers_records_go_in_batches_on_an_r3_results_stream(
+    cluster: NatsCluster, namespace: str
+) -> None:
+    async with connect(cluster.urls, namespace=namespace, replicas=3) as tf:
+        app = echo_app(namespace)
+        texts = [f"t{i}" for i in range(1500)]
+        ids, acks, replies = await drain(tf, cluster.urls, app, texts, replicas=3)
+        assert sorted(s.stream_seq for s in acks.seen()) == list(range(1, 1501))
+        assert {s.delivered for s in acks.seen()} == {1}
+        assert replies.frames > 0
+        assert replies.single + replies.frames < 1500 / 4
+        assert await tf.handle(Echo, ids[-1]).result(timeout=5) == "t1499"
+        info = await tf.js.stream_info(topology.results_stream(namespace))
+        assert (info.config.num_replicas, info.state.messages) == (3, 1500)
 
 
 async def test_workers_starting_together_on_a_new_namespace_all_become_ready(

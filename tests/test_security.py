@@ -33,6 +33,7 @@ from taskframe._publish import publish_stored
 from taskframe._server import server_binary
 from taskframe._topology import queue_stream
 from taskframe.testing import NatsServer, eventually, running_worker
+from tests.test_batched_records import Replies
 
 SECURE = Path(__file__).parent.parent / "deploy" / "secure"
 NS = "shop"  # the namespace deploy/secure/accounts.conf is written for
@@ -405,4 +406,25 @@ async def test_a_flow_and_a_large_task_run_under_the_producer_and_worker_roles(
             assert await big.result(timeout=10) == 100_000
             assert await flow.result(timeout=10) == [4, 6]
             assert await summed.result(timeout=10) == 18
+    assert [line for line in server.log if "Violation" in line and line not in logged] == []
+
+
+async def test_a_busy_worker_batches_its_records_under_the_worker_role(
+    server: NatsServer, pki: Path, provisioned: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("TASKFRAME_")]:
+        monkeypatch.delenv(name)
+    logged = set(server.log)
+    url = f"127.0.0.1:{server.port}"
+    async with (
+        connect(f"nats://producer:{PASSWORDS['producer']}@{url}", namespace=NS,
+                inbox_prefix="_INBOX_producer", **_tls(pki)) as producer,
+        connect(f"nats://worker:{PASSWORDS['worker']}@{url}", namespace=NS,
+                inbox_prefix="_INBOX_worker", **_tls(pki)) as worker,
+    ):  # fmt: skip
+        replies = Replies(worker)
+        runs = await producer.enqueue_many([Double(n=n) for n in range(600)])
+        async with running_worker(build_app(), worker):
+            assert [await run.result(timeout=10) for run in runs] == [2 * n for n in range(600)]
+    assert replies.frames > 0  # its records went in batches, frames and end markers allowed
     assert [line for line in server.log if "Violation" in line and line not in logged] == []
