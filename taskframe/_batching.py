@@ -172,7 +172,7 @@ class Batches:
             self._fail(batch, 0, PublishError("its batch ended before it was stored"))
             self._answering.pop(batch.id, None)
         else:  # a plain confirmation of one record: a server that does not batch
-            self._one_stored(batch, sequence)
+            self._end_one(batch, sequence, None)
 
     def _refused(self, batch: _Batch, sequence: int, frame: dict[str, Any]) -> None:
         """An error frame: the record `sequence` was not stored; if the batch is unknown or
@@ -202,21 +202,19 @@ class Batches:
         while waiting and waiting[0][0] <= through:
             confirm(waiting.popleft()[1], None)
 
-    def _one_stored(self, batch: _Batch, sequence: int) -> None:
-        for index, (number, token) in enumerate(batch.waiting):
-            if number == sequence:
-                del batch.waiting[index]
-                self._confirm(token, None)
-                return
-
     def _fail(self, batch: _Batch, sequence: int, error: BaseException) -> None:
         """Fail the record `sequence` (0: every one still waiting)."""
         if sequence:
-            for index, (number, token) in enumerate(batch.waiting):
-                if number == sequence:
-                    del batch.waiting[index]
-                    self._confirm(token, error)
-                    return
+            self._end_one(batch, sequence, error)
             return
         while batch.waiting:
             self._confirm(batch.waiting.popleft()[1], error)
+
+    def _end_one(self, batch: _Batch, sequence: int, error: BaseException | None) -> None:
+        """End the record `sequence` of `batch`, if it still waits: stored (`error` None)
+        or not."""
+        for index, (number, token) in enumerate(batch.waiting):
+            if number == sequence:
+                del batch.waiting[index]
+                self._confirm(token, error)
+                return

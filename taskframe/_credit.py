@@ -91,8 +91,8 @@ class Credit:
 
     def wake(self) -> None:
         """Let every feed of the pool check whether it should ask for more."""
-        if min(self.capacity + self.confirming, self.limit) - self.held < self.min_batch:
-            return  # `free()`: no feed has room for a worthwhile batch (most of the time)
+        if self.free() < self.min_batch:
+            return  # no feed has room for a worthwhile batch (most of the time)
         for feed in self.feeds:
             feed.wake()
 

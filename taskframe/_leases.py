@@ -181,7 +181,7 @@ class Leases:
 
     def still_ours(self, lease: Lease) -> bool:
         """Whether `lease` is valid; if not, count it lost (once) and say so."""
-        if not lease.lost and time.monotonic() < lease.expires:  # `valid()`, for every task
+        if lease.valid():
             return True
         self._give_up(lease, "lease on %s lost: leaving it to its new owner")
         return False

@@ -163,7 +163,9 @@ class Publisher:
             raise
         return future
 
-    def send_then(self, subject: str, body: bytes, then: Then, timeout: float) -> int:
+    def send_then(
+        self, subject: str, body: bytes, then: Then, timeout: float, batch_end: str = ""
+    ) -> int:
         """Publish without waiting; `then(None)` once the server confirms storing it.
 
         `then(error)` gets what `send`'s future would raise instead (a refusal, a status),
@@ -173,37 +175,26 @@ class Publisher:
         logged. Returns the token that `forget` takes. Raises what
         `TolerantClient.publish_now` raises, and then `then` is never called. `subject` is
         not checked: taskframe builds it from checked parts. The publisher must be `ready`.
+
+        With `batch_end` (a subject of the same stream that ends a batch), the message goes
+        in a fast-ingest batch (`_batching`) while many confirmations are awaited: the
+        server then confirms many at once.
         """
         token = next(self._sequence)
-        self._thens[token] = (then, time.monotonic() + timeout, subject)
-        try:
-            self._send_now(subject, body, f"{self._prefix}{token}")
-        except BaseException:
-            self._thens.pop(token, None)
-            raise
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
-        return token
-
-    def send_batched(
-        self, subject: str, body: bytes, then: Then, timeout: float, end_subject: str
-    ) -> int:
-        """`send_then`, in a fast-ingest batch (`_batching`) while many confirmations are
-        awaited: the server then confirms many at once. `end_subject` is a subject of the
-        same stream that ends the batch."""
+        thens = self._thens
+        thens[token] = (then, time.monotonic() + timeout, subject)
         batches = self._batches
-        if batches is None or len(self._thens) < OVER or not batches.resumed():
-            return self.send_then(subject, body, then, timeout)
-        token = next(self._sequence)
-        self._thens[token] = (then, time.monotonic() + timeout, subject)
         try:
-            batches.add(subject, body, token, end_subject)
+            if batch_end and batches is not None and len(thens) > OVER and batches.resumed():
+                batches.add(subject, body, token, batch_end)
+                if self._lingering is None:
+                    loop = asyncio.get_running_loop()
+                    self._lingering = loop.call_later(LINGER, self._linger, batches.sent())
+            else:
+                self._send_now(subject, body, f"{self._prefix}{token}")
         except BaseException:
-            self._thens.pop(token, None)
+            thens.pop(token, None)
             raise
-        if self._lingering is None:
-            loop = asyncio.get_running_loop()
-            self._lingering = loop.call_later(LINGER, self._linger, batches.sent())
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="taskframe-confirmations")
         return token
@@ -222,10 +213,7 @@ class Publisher:
     def _confirm(self, token: int, error: BaseException | None) -> None:
         then = self._thens.pop(token, None)
         if then is not None:
-            try:
-                then[0](error)
-            except Exception:
-                log.exception("confirmation callback failed")
+            _call(then[0], error)
 
     async def ask(self, subject: str, headers: dict[str, str], timeout: float) -> Msg:
         """Publish an empty body and return the server's whole answer, for a caller that

@@ -311,9 +311,8 @@ class Feed:
                 if oldest.owed <= 0:
                     requests.popleft()
             self._pending = max(0, self._pending - 1)
-            credit = self.credit
-            credit.held += 1
-            if len(credit.feeds) > 1:
+            self.credit.held += 1
+            if len(self.credit.feeds) > 1:
                 self._backlog = wire.delivery(msg.reply)[2]
                 self._backlog_at = time.monotonic()
                 if not self._backlog:

@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionDrainingError, MaxPayloadError
 from nats.protocol import parser
+from nats.protocol.command import pub_cmd
 
 __all__ = ["TolerantClient", "listen", "listen_raw", "sender"]
 
@@ -173,7 +174,7 @@ class TolerantClient(NATS):
         size = len(payload)
         if size > self._max_payload:
             raise MaxPayloadError
-        command = f"PUB {subject} {reply} {size}\r\n".encode() + payload + b"\r\n"
+        command = pub_cmd(subject, reply, payload)
         stats = self.stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += size

@@ -137,13 +137,9 @@ def stored_at(reply: str) -> float:
     return int(tokens[7 + offset]) / 1e9
 
 
-def delivery_key(reply: str) -> str:
-    """`<stream>.<consumer>.<stream sequence>` from an ack subject: one message, any delivery."""
-    return delivered(reply)[0]
-
-
 def delivered(reply: str) -> tuple[str, int, int]:
-    """(`delivery_key`, delivery count, stream sequence) of an ack subject, read at once."""
+    """(key, delivery count, stream sequence) of an ack subject, read at once. The key,
+    `<stream>.<consumer>.<stream sequence>`, names one message, whichever delivery."""
     tokens = reply.split(".")
     offset = 2 if len(tokens) >= 11 else 0
     sequence = tokens[5 + offset]

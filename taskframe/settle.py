@@ -103,8 +103,7 @@ class Settler:
         self._none_confirming.set()
         self._pipelining = True
         self._publisher: Publisher | None = None  # the connection's, once `succeeded` ran
-        self._results = topology.result_subject(self._ns, "")
-        self._batch_end = f"{self._results}_batch"  # the end marker stores nothing
+        self._batch_end = topology.result_subject(self._ns, "_batch")  # stores nothing
         self.flows = FlowSteps(client)
 
     async def settle(
@@ -136,9 +135,7 @@ class Settler:
         else:
             self._send_now(msg.reply, b"", "")  # an empty body is an ack
         msg._ackd = True
-        lease.settled = True
-        self._settled.set()
-        return True
+        return self._settled_now(lease)
 
     def _settled_now(self, lease: Lease) -> bool:
         lease.settled = True
@@ -159,9 +156,9 @@ class Settler:
         credit = lease.credit
         if credit is not None:
             credit.awaiting()
-        subject = f"{self._results}{task_id}"
+        subject = topology.result_subject(self._ns, task_id)
         try:
-            confirmation.token = pub.send_batched(
+            confirmation.token = pub.send_then(
                 subject, record, confirmation, self._settings.publish_timeout, self._batch_end
             )
         except Exception as exc:  # not sent (disconnected, buffer full): the awaited path
@@ -187,7 +184,7 @@ class Settler:
             return None  # its join comes before its ack
         if not self.ack_now(lease):
             return "lost"
-        self._stats.succeeded += 1
+        self.count(False)
         return "succeeded"
 
     async def succeeded(
