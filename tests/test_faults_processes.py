@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 
 from taskframe import Client, PublishError, TaskState, connect
 from taskframe import _topology as topology
@@ -456,3 +457,39 @@ async def test_consumer_deleted_under_running_workers_is_recreated_and_nothing_i
     assert after.config.ack_wait == before.config.ack_wait == 2.0
     assert worker.alive
     await until_drained(client, "work")
+
+
+async def test_server_kill_while_a_worker_batches_its_records_loses_no_result(
+    own_server: NatsServer, namespace: str, procs: Procs
+) -> None:
+    """nats-server killed (-9) and restarted while a CLI worker's records go in fast-ingest
+    batches: every task's result is stored, the same worker carries on, and batches too."""
+    worker = procs.worker(own_server.url, concurrency=64, ack_wait=5.0)
+    await worker.wait_log("worker ready")
+    async with connect(own_server.url, namespace=namespace) as tf:
+        frames = 0
+
+        async def frame(msg: Msg) -> None:  # a batch's answer to the worker
+            nonlocal frames
+            frames += 1
+
+        # _INBOX.<connection>.<batch>.<flow>.fail.<seq>.<op>.$FI
+        await tf.nc.subscribe("_INBOX.*.*.*.fail.*.*.*", cb=frame)
+        runs = await tf.enqueue_many([Work() for _ in range(3000)])
+        await eventually(
+            lambda: len(procs.journal.entries("done")) >= 800 and frames > 0,
+            "800 tasks done, records in batches",
+            timeout=30,
+        )
+        await asyncio.to_thread(own_server.kill)
+        await worker.wait_log("disconnected from NATS")
+        before = frames
+        await asyncio.to_thread(own_server.start)
+        results = await asyncio.gather(*(run.result(timeout=60) for run in runs))
+        assert results == [run.id for run in runs]  # every record stored, none lost
+        assert frames > before  # batches again after the restart
+        done = Counter(e.task_id for e in procs.journal.entries("done"))
+        assert set(done) == {run.id for run in runs}  # at least once: some ran twice
+        assert worker.alive
+        assert procs.journal.pids() == {worker.pid}
+        await until_drained(tf, "work")
